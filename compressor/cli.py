@@ -1,0 +1,232 @@
+"""The ``compress`` command line: thin wrappers that build a config and call the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from compressor.budget import BUDGET_HELP
+from compressor.errors import CompressorError
+
+
+class DefaultToCompress(TyperGroup):
+    """Treat ``compress MODEL ...`` as ``compress compress MODEL ...`` (the main command)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["compress", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=DefaultToCompress,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Compress a trained CNN to a FLOPs or latency budget without retraining; export ONNX/TensorRT; "
+    "report accuracy and latency. Main use: compress MODEL --budget 50%flops --calib DATA --out DIR.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+profiles_app = typer.Typer(help="List device profiles, or show one: compress profiles show NAME.")
+app.add_typer(profiles_app, name="profiles")
+
+
+def _fail(exc: Exception, debug: bool) -> None:
+    if debug:
+        raise exc
+    if isinstance(exc, CompressorError):
+        typer.echo("error: " + " ".join(str(exc).split()), err=True)
+        raise typer.Exit(exc.exit_code)
+    typer.echo(f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+               "rerun with --debug for the traceback and report it", err=True)
+    raise typer.Exit(1)
+
+
+def _recovery_choices() -> str:
+    from compressor.recovery import list_recoveries
+
+    return ", ".join(["none", *list_recoveries()])
+
+
+def _criteria_choices() -> str:
+    from compressor.criteria import list_criteria
+
+    return ", ".join(list_criteria())
+
+
+@app.command("compress")
+def compress_command(
+    model: str = typer.Argument(..., metavar="MODEL", help="torchvision:NAME, path/file.py:CALLABLE, or model.pt (pickled nn.Module; "
+                                "needs --trust-pickle)."),
+    budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
+    out: Path = typer.Option(Path("runs/compressed"), "--out", "-o", help="Output folder (written atomically)."),
+    weights: Path | None = typer.Option(None, help="state_dict for MODEL (loaded with weights_only=True; "
+                                           "float16 is cast to the model's dtype)."),
+    trust_pickle: bool = typer.Option(False, help="Allow a whole pickled model file (unpickling runs its code)."),
+    calib: Path | None = typer.Option(None, help="Calibration images: folder (flat or class subfolders), "
+                                         ".tar/.tar.gz, or .pt/.npy tensor NxCxHxW. Without it pruning is data-free."),
+    calib_size: int | None = typer.Option(None, help="Calibration images drawn at random with --seed [1024]."),
+    eval: Path | None = typer.Option(None, "--eval", help="Labelled images in class folders (label = index of "
+                                        "the sorted folder name) for top-1 accuracy."),
+    eval_size: int | None = typer.Option(None, help="Use at most this many evaluation images [all]."),
+    input_shape: str | None = typer.Option(None, help="CxHxW, e.g. 3x224x224 [from the calibration data]; "
+                                              "images of another size are resized."),
+    mean: str | None = typer.Option(None, help="Per-channel mean after scaling to [0,1] [ImageNet's]."),
+    std: str | None = typer.Option(None, help="Per-channel std [ImageNet's]."),
+    criterion: str | None = typer.Option(None, help="Channel criterion (see `compress criteria`) [l1]."),
+    labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
+                                "(default: label-free, the model's own predictions)."),
+    recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order "
+                                           "[the default recipe]; 'none' for none."),
+    allocation: str | None = typer.Option(None, help="Width allocation: global (one ranking over all layers), "
+                                             "uniform, sensitivity (measured recoverability), criterion "
+                                             "(widths the criterion proposes) [global]."),
+    ignore: list[str] = typer.Option([], help="Module-name glob never pruned (repeatable), e.g. 'features.0*'."),
+    min_channels: int | None = typer.Option(None, help="Fewest channels any group keeps [1]."),
+    align: bool | None = typer.Option(None, "--align/--no-align", help="Round widths to the device's channel "
+                                         "alignment [on for GPU targets]."),
+    device: str = typer.Option("cpu", help="cpu, cuda, or a device profile (see `compress profiles`), e.g. jetson."),
+    fp16: bool = typer.Option(False, help="Measure CUDA latency in half precision."),
+    batch_size: int = typer.Option(1, help="Batch size of the latency measurement."),
+    warmup: int = typer.Option(10, help="Latency warm-up iterations."),
+    iters: int = typer.Option(50, help="Latency timed iterations."),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement."),
+    max_accuracy_drop: float | None = typer.Option(None, help="Exit 3 when top-1 drops more than this many "
+                                                      "points (needs --eval)."),
+    force: bool = typer.Option(False, help="Replace a non-empty --out."),
+    seed: int = typer.Option(0, help="Seed for the calibration subset and randomized criteria."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Compress MODEL to --budget and write model.onnx, model.pt2, pruning.json, report.json, report.md to --out.
+
+    Exit codes: 0 success; 1 an error you can fix (one line says what to do); 2 usage;
+    3 budget unreachable or --max-accuracy-drop exceeded. Nothing is left in --out on failure.
+    """
+    try:
+        from compressor.config import CompressConfig
+        from compressor.data import parse_floats, parse_shape
+        from compressor.pipeline import run
+
+        config = CompressConfig(
+            model=model, budget=budget, out=out, weights=weights, trust_pickle=trust_pickle, calib=calib,
+            calib_size=calib_size, eval=eval, eval_size=eval_size,
+            input_shape=parse_shape(input_shape) if input_shape else None,
+            mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
+            criterion=criterion, labels=labels,
+            recovery=tuple(r.strip() for r in recovery.split(",") if r.strip()) if recovery is not None else None,
+            allocation=allocation, ignore=tuple(ignore), min_channels=min_channels, align=align, device=device,
+            fp16=fp16, batch_size=batch_size, warmup=warmup, iters=iters, latency=not no_latency,
+            max_accuracy_drop=max_accuracy_drop, force=force, seed=seed, progress=not quiet,
+        )
+        report = run(config)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every failure becomes one line
+        _fail(exc, debug)
+        return
+    for line in report.summary_lines():
+        typer.echo(line)
+    typer.echo(f"wrote {out}/ (report.json, report.md, model.onnx, model.pt2, pruning.json)")
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output folder."),
+    budget: str = typer.Option("50%flops", help=BUDGET_HELP),
+    cache: Path = typer.Option(Path.home() / ".cache" / "cnn-compressor" / "digits", help="Where the trained demo "
+                               "network and its images are kept."),
+    force: bool = typer.Option(True, help="Replace --out if it exists."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Train a small CNN on scikit-learn's digits (once, cached), then compress it end to end. No downloads."""
+    try:
+        from compressor.config import CompressConfig
+        from compressor.demo import MEAN, STD, prepare
+        from compressor.pipeline import run
+
+        paths = prepare(cache, log=lambda m: typer.echo(m, err=True))
+        config = CompressConfig(
+            model=f"{paths['model']}:DigitsNet", weights=paths["weights"], budget=budget, out=out,
+            calib=paths["calib"], eval=paths["eval"], input_shape=(1, 16, 16), mean=MEAN, std=STD, force=force,
+            iters=30,
+        )
+        report = run(config)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        _fail(exc, debug)
+        return
+    for line in report.summary_lines():
+        typer.echo(line)
+    typer.echo(f"wrote {out}/")
+
+
+@app.command("criteria")
+def criteria_command() -> None:
+    """List the channel criteria: name, what each needs, and its paper."""
+    from compressor.criteria import CRITERIA, list_criteria
+
+    for name in list_criteria():
+        cls = CRITERIA.cls(name)
+        needs = [w for w, flag in (("data", cls.needs_data), ("labels", cls.needs_labels),
+                                   ("gradients", cls.needs_gradients)) if flag]
+        typer.echo(f"{name:14s} {cls.description}")
+        typer.echo(f"{'':14s} needs: {', '.join(needs) or 'weights only'}; paper: {cls.paper}")
+
+
+@profiles_app.callback(invoke_without_command=True)
+def profiles_list(ctx: typer.Context) -> None:
+    """List the device profiles (data files under profiles/)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from compressor.profiles import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        aliases = f" (aliases: {', '.join(p.aliases)})" if p.aliases else ""
+        typer.echo(f"{name:18s} {p.description}{aliases}")
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help="Profile name or alias.")) -> None:
+    """Print one device profile."""
+    from compressor.profiles import load_profile
+
+    try:
+        profile = load_profile(name)
+    except CompressorError as exc:
+        _fail(exc, False)
+        return
+    typer.echo(profile.path.read_text() if getattr(profile, "path", None) else str(profile))
+
+
+@app.command("bench")
+def bench_command(
+    model: Path = typer.Argument(..., help="An ONNX file."),
+    device: str = typer.Option("cpu", help="cpu, cuda, or a device profile (writes a benchmark bundle for it)."),
+    batch_size: int = typer.Option(1, help="Batch size."),
+    warmup: int = typer.Option(10, help="Warm-up iterations."),
+    iters: int = typer.Option(100, help="Timed iterations."),
+    out: Path | None = typer.Option(None, help="Folder for the bundle when --device is a remote profile."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Measure the latency of an existing ONNX file (onnxruntime), or write a TensorRT bundle for a device."""
+    try:
+        from export.benchmark import bench_onnx
+
+        result = bench_onnx(model, device=device, batch_size=batch_size, warmup=warmup, iters=iters, out=out)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001
+        _fail(exc, debug)
+        return
+    import json
+
+    typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m compressor.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

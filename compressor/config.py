@@ -1,0 +1,101 @@
+"""The configuration of one ``compress`` run (frozen; ``None`` means the default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor.errors import UsageError
+
+DEFAULT_CRITERION = "l1"
+DEFAULT_CALIB_SIZE = 1024
+ALLOCATIONS = ("global", "uniform", "sensitivity", "criterion")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything ``pipeline.run`` needs.
+
+    Attributes:
+        model: ``torchvision:NAME``, ``file.py:CALLABLE`` or a pickled ``model.pt``.
+        budget: Budget text (``50%flops``, ``3ms``, ``2x``); see ``budget.parse_budget``.
+        out: Output folder (written atomically).
+        weights: Optional state_dict file.
+        trust_pickle: Allow unpickling a whole-model file.
+        calib: Calibration data (folder, tar, .pt/.npy); None for data-free pruning.
+        calib_size: Number of calibration images drawn at random (None: 1024).
+        eval: Labelled images in class folders for top-1 accuracy; None skips accuracy.
+        eval_size: Use at most this many evaluation images (None: all).
+        input_shape: (C, H, W); None takes it from the calibration data.
+        mean, std: Per-channel normalization (None: ImageNet's).
+        criterion: Registry name of the channel criterion (None: the default).
+        labels: Let criteria use the calibration data's class-folder labels.
+        recovery: Ordered recovery recipe; None: the default recipe; () or ("none",): none.
+        allocation: How widths are chosen: "global" ranking, "uniform", "sensitivity"
+            (measured recoverability), "criterion" (widths proposed by the criterion).
+        ignore: Module-name globs never pruned.
+        min_channels: Per-group floor of kept channels (None: sensible default).
+        align: Round widths to the device's channel alignment (None: on for GPU targets).
+        device: ``cpu``, ``cuda`` or a profile name / alias (e.g. ``jetson``).
+        fp16: Time CUDA latency in half precision.
+        batch_size: Batch size of the latency measurement.
+        warmup, iters: Latency warm-up and timed iterations.
+        latency: Measure latency at all.
+        max_accuracy_drop: Fail with exit 3 when accuracy drops more (points).
+        force: Replace a non-empty ``out``.
+        seed: Seed of the calibration subset and randomized criteria.
+        progress: Show progress bars.
+    """
+
+    model: str
+    budget: str
+    out: Path
+    weights: Path | None = None
+    trust_pickle: bool = False
+    calib: Path | None = None
+    calib_size: int | None = None
+    eval: Path | None = None
+    eval_size: int | None = None
+    input_shape: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    criterion: str | None = None
+    labels: bool = False
+    recovery: tuple[str, ...] | None = None
+    allocation: str | None = None
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+    min_channels: int | None = None
+    align: bool | None = None
+    device: str = "cpu"
+    fp16: bool = False
+    batch_size: int = 1
+    warmup: int = 10
+    iters: int = 50
+    latency: bool = True
+    max_accuracy_drop: float | None = None
+    force: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.calib_size is not None and self.calib_size < 1:
+            raise UsageError(f"--calib-size {self.calib_size} must be at least 1; e.g. 1024")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise UsageError(f"--eval-size {self.eval_size} must be at least 1")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size} must be at least 1")
+        if self.iters < 1 or self.warmup < 0:
+            raise UsageError(f"--iters {self.iters} / --warmup {self.warmup} must be >= 1 / >= 0")
+        if self.min_channels is not None and self.min_channels < 1:
+            raise UsageError(f"--min-channels {self.min_channels} must be at least 1")
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
+            raise UsageError(f"--allocation {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise UsageError(f"--max-accuracy-drop {self.max_accuracy_drop} must be >= 0 points")
+
+    @property
+    def recovery_recipe(self) -> tuple[str, ...] | None:
+        """The recipe with ``none`` removed; None means the default recipe."""
+        if self.recovery is None:
+            return None
+        return tuple(r for r in self.recovery if r != "none")

@@ -1,0 +1,156 @@
+"""The target device: resolving ``--device``, width search per budget kind, export, latency, plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import widths
+from compressor.budget import Budget
+from compressor.config import CompressConfig
+from compressor.errors import CompressorError
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the compressed model will run.
+
+    Attributes:
+        name: ``cpu``, ``cuda`` or a profile name.
+        local: True when latency can be measured on this machine.
+        torch_device: ``cpu`` or ``cuda`` for local targets.
+        alignment: Channel multiple the widths are rounded to (1 = none).
+        profile: The device profile (None for plain ``cuda``).
+    """
+
+    name: str
+    local: bool
+    torch_device: str
+    alignment: int
+    profile: object | None
+
+
+def resolve_target(device: str, align: bool | None) -> Target:
+    """Interpret ``--device``: ``cpu``/``cuda`` run here; a profile name or alias is a remote target."""
+    from compressor.profiles import load_profile
+
+    if device == "cpu":
+        return Target("cpu", True, "cpu", 1 if not align else 8, load_profile("cpu"))
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CompressorError("--device cuda: no CUDA GPU is visible here; use --device cpu or a profile name")
+        return Target(device, True, device, 1 if align is False else 8, None)
+    profile = load_profile(device)
+    if getattr(profile, "kind", "") == "cpu":
+        return Target(profile.name, True, "cpu", 1 if not align else 8, profile)
+    int8 = getattr(profile, "default_precision", "fp16") == "int8"
+    alignment = profile.channel_alignment_int8 if int8 else profile.channel_alignment_fp16
+    return Target(profile.name, False, "cuda", 1 if align is False else int(alignment), profile)
+
+
+def search(config: CompressConfig, budget: Budget, target: Target, graph, scores, criterion, ctx, calib, stages):
+    """Per-group kept counts meeting ``budget``, and the candidates considered (for the plots)."""
+    allocation = config.allocation or "global"
+    images = calib.images if calib is not None else None
+    kwargs = {"criterion": criterion, "ctx": ctx, "calib": images}
+    if budget.kind == "flops":
+        return widths.flops_widths(allocation, graph, scores, budget.target, **kwargs), []
+    if not target.local:
+        raise CompressorError(
+            f"latency budget {budget.text!r} needs a local target (--device cpu or cuda) to measure on; "
+            f"for {target.name} use a FLOPs budget such as 50%flops"
+        )
+    example = graph.example_input.repeat(config.batch_size, 1, 1, 1)
+    timer = _latency_timer(config, target, example)
+    original_ms = timer(graph.model)
+    target_ms = budget.target if budget.kind == "latency_ms" else original_ms / budget.target
+    stages.note(f"original latency {original_ms:.3f} ms; target {target_ms:.3f} ms")
+    counts, candidates = widths.latency_widths(
+        allocation, graph, scores, target_ms, timer, progress=stages.note, **kwargs
+    )
+    for c in candidates:
+        c["original_ms"] = original_ms
+        c["target_ms"] = target_ms
+    return counts, candidates
+
+
+def _latency_timer(config: CompressConfig, target: Target, example: torch.Tensor):
+    from export.latency import measure
+
+    def timer(model: nn.Module) -> float:
+        result = measure(model, example, device=target.torch_device, backend="torch", fp16=config.fp16,
+                         warmup=config.warmup, iters=config.iters)
+        return result.p50
+
+    return timer
+
+
+def export_all(model: nn.Module, example: torch.Tensor, inputs: torch.Tensor, folder: Path, target: Target,
+               input_shape) -> dict:
+    """Write ``model.onnx`` (checked in onnxruntime), a TensorRT engine or a device bundle."""
+    from export.onnx import check_onnx, export_onnx
+    from export.tensorrt import build_engine, tensorrt_available, write_device_bundle
+
+    onnx_path = folder / "model.onnx"
+    export_onnx(model, example, onnx_path)
+    check = check_onnx(onnx_path, model, inputs)
+    info: dict = {"onnx": {"path": "model.onnx", **check}, "tensorrt": None}
+    available, reason = tensorrt_available()
+    if available and target.profile is not None and getattr(target.profile, "tensorrt", False):
+        engine = folder / "model.engine"
+        build_engine(onnx_path, engine, precision=getattr(target.profile, "default_precision", "fp16"))
+        info["tensorrt"] = {"path": "model.engine"}
+    else:
+        info["tensorrt_reason"] = reason or "the target profile has no TensorRT"
+    if not target.local and target.profile is not None:
+        bundle = folder / f"bundle-{target.name}"
+        command = write_device_bundle(bundle, onnx_path, target.profile, input_shape, batch_size=1)
+        info["bundle"] = {"path": bundle.name, "trtexec": command}
+    return info
+
+
+def latency(config: CompressConfig, target: Target, original: nn.Module, pruned: nn.Module,
+            example: torch.Tensor, folder: Path, input_shape) -> dict:
+    """``latency`` (primary backend) and ``latency_other`` entries of the report."""
+    from export.latency import compare_latency
+
+    batch = example[:1].repeat(config.batch_size, 1, 1, 1)
+    if not target.local:
+        from compressor.latency_model import estimate_latency_ms
+
+        precision = getattr(target.profile, "default_precision", "fp16")
+        o = estimate_latency_ms(original, batch, target.profile, precision)
+        p = estimate_latency_ms(pruned, batch, target.profile, precision)
+        o_ms, p_ms = (o[0] if isinstance(o, tuple) else o), (p[0] if isinstance(p, tuple) else p)
+        flat = {"p50": o_ms, "p90": o_ms, "p99": o_ms}
+        return {"latency": {"device": target.name, "backend": f"roofline estimate ({precision})", "estimate": True,
+                            "batch_size": config.batch_size, "original_ms": flat,
+                            "pruned_ms": {"p50": p_ms, "p90": p_ms, "p99": p_ms}, "speedup": o_ms / p_ms}}
+    runs = []
+    backends = ["onnxruntime", "torch"] if target.torch_device == "cpu" else ["torch"]
+    for backend in backends:
+        result = compare_latency(original, pruned, batch, device=target.torch_device, backend=backend,
+                                 fp16=config.fp16, warmup=config.warmup, iters=config.iters, workdir=folder)
+        runs.append({"device": target.name, "backend": backend, "batch_size": config.batch_size, **result})
+    return {"latency": runs[0], "latency_other": runs[1:]}
+
+
+def plots(report: dict, folder: Path) -> dict[str, str]:
+    """PNG plots for report.md: trade-off of the candidates and kept channels per group."""
+    from compressor.plots import plot_layer_widths, plot_tradeoff
+
+    out = {}
+    points = list(report.get("candidates") or [])
+    lat = report.get("latency")
+    final = {"flops_ratio": report["flops"]["ratio"],
+             "latency_ms": lat["pruned_ms"]["p50"] if lat else None,
+             "accuracy": (report.get("accuracy") or {}).get("pruned")}
+    points.append(final)
+    out["tradeoff"] = Path(plot_tradeoff(points, folder / "tradeoff.png")).name
+    layers = {w["root"]: (w["kept"], w["size"]) for w in report.get("layers", [])}
+    if layers:
+        out["widths"] = Path(plot_layer_widths(layers, folder / "widths.png")).name
+    return out

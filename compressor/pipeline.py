@@ -1,0 +1,300 @@
+"""One compression run: model + data -> groups -> scores -> widths -> pruned -> recovered -> artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor import budget as budget_mod
+from compressor import graph as graph_mod
+from compressor.config import DEFAULT_CALIB_SIZE, DEFAULT_CRITERION, CompressConfig
+from compressor.criteria import ScoringContext, get_criterion
+from compressor.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_images
+from compressor.errors import BudgetError, CompressorError
+from compressor.model_io import count_params, first_conv_in_channels, load_model
+from compressor.report import Report, ratio_block, versions
+
+SOUNDNESS_TOLERANCE = 1e-4  # relative to the output's magnitude
+ONNX_TOLERANCE = 1e-4
+
+
+class Stages:
+    """Times named stages and prints one progress line per stage to stderr."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str, message: str) -> Iterator[None]:
+        if self.show:
+            print(f"[{time.perf_counter() - self._start:6.1f}s] {message}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def note(self, message: str) -> None:
+        if self.show:
+            print(f"         {message}", file=sys.stderr, flush=True)
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits of ``model`` over ``images`` in batches (eval mode, CPU)."""
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, data: ImageSet) -> float:
+    """Top-1 accuracy on labelled data."""
+    logits = predict(model, data.images)
+    return float((logits.argmax(1) == data.labels).float().mean())
+
+
+def prepare_output(out: Path, force: bool) -> Path:
+    """Check ``out`` can be written; return a fresh temporary folder beside it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"--out {str(out)!r} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CompressorError(
+            f"--out {str(out)!r} exists and is not empty; pass --force to replace it or choose another folder"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise CompressorError(f"cannot write to --out {str(out)!r} ({exc.strerror}); choose a writable folder") from exc
+
+
+def finalize_output(tmp: Path, out: Path) -> None:
+    """Move the finished temporary folder into place (replacing ``out`` with --force)."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _check_model_accepts(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as exc:
+        raise CompressorError(
+            f"the model rejects input of shape {tuple(example.shape[1:])} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}); pass the right --input-shape CxHxW"
+        ) from exc
+    if not isinstance(output, torch.Tensor) or output.ndim != 2:
+        raise CompressorError(
+            "the model must return one N x classes tensor (classification); "
+            f"it returned {type(output).__name__}{tuple(getattr(output, 'shape', ()))}"
+        )
+    return output
+
+
+def load_inputs(config: CompressConfig, stages: Stages) -> tuple[nn.Module, ImageSet | None, ImageSet | None, tuple]:
+    """Load the model, calibration and evaluation data and settle the input shape."""
+    with stages.stage("load_model", f"loading model {config.model}"):
+        model = load_model(config.model, config.weights, config.trust_pickle)
+    mean = config.mean or IMAGENET_MEAN
+    std = config.std or IMAGENET_STD
+    calib = None
+    if config.calib is not None:
+        with stages.stage("load_data", f"reading calibration data {config.calib}"):
+            calib = load_images(
+                config.calib, limit=config.calib_size or DEFAULT_CALIB_SIZE, seed=config.seed,
+                input_shape=config.input_shape, mean=mean, std=std, progress=config.progress,
+                labelled=config.labels,
+            )
+    input_shape = config.input_shape or (tuple(calib.images.shape[1:]) if calib is not None else None)
+    if input_shape is None:
+        raise CompressorError("without --calib the input shape is unknown; pass --input-shape CxHxW (e.g. 3x224x224)")
+    expected = first_conv_in_channels(model)
+    if expected is not None and expected != input_shape[0]:
+        raise CompressorError(
+            f"the model's first convolution takes {expected} channels but the data has {input_shape[0]}; "
+            "convert the images or pass the matching model"
+        )
+    evaluation = None
+    if config.eval is not None:
+        with stages.stage("load_data", f"reading evaluation data {config.eval}"):
+            evaluation = load_images(
+                config.eval, limit=config.eval_size, seed=config.seed, input_shape=input_shape, mean=mean,
+                std=std, labelled=True, progress=config.progress, what="evaluation",
+            )
+    return model, calib, evaluation, tuple(input_shape)
+
+
+def run(config: CompressConfig) -> Report:
+    """Compress ``config.model`` to ``config.budget`` and write the artifacts to ``config.out``.
+
+    Nothing is left in ``config.out`` when this raises.
+    """
+    budget = budget_mod.parse_budget(config.budget)
+    stages = Stages(config.progress)
+    torch.manual_seed(config.seed)
+    tmp = prepare_output(config.out, config.force)
+    try:
+        report = _run(config, budget, stages, tmp)
+        finalize_output(tmp, Path(config.out))
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp: Path) -> Report:
+    from compressor import deploy
+
+    model, calib, evaluation, input_shape = load_inputs(config, stages)
+    example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
+    output = _check_model_accepts(model, example)
+    target = deploy.resolve_target(config.device, config.align)
+    criterion = get_criterion(config.criterion or DEFAULT_CRITERION)
+    if criterion.needs_data and calib is None:
+        raise CompressorError(f"criterion {criterion.name!r} needs calibration data; pass --calib or choose l1")
+    with stages.stage("graph", "building the channel dependency graph"):
+        graph = graph_mod.build_graph(
+            model, example, ignore=config.ignore, min_channels=config.min_channels or 1,
+            round_to=target.alignment,
+        )
+    original = graph.model
+    for g in graph.excluded:
+        stages.note(f"left unpruned: {g.root} ({g.size} channels): {g.reason}")
+    macs0, params0 = graph_mod.count_macs_params(original, example)
+    soundness_inputs = (calib.images if calib is not None else torch.randn(8, *input_shape))[:16]
+
+    acc = {}
+    if evaluation is not None:
+        with stages.stage("evaluate", "measuring the original model's accuracy"):
+            acc["original"] = accuracy(original, evaluation)
+    with stages.stage("score", f"scoring channels with {criterion.name}"):
+        ctx = ScoringContext(
+            model=original, groups=graph.groups, calib=calib.images if calib is not None else None,
+            labels=calib.labels if (calib is not None and config.labels) else None, seed=config.seed,
+        )
+        scores = criterion.score(ctx)
+    with stages.stage("search", f"searching widths for {budget.text}"):
+        counts, candidates = deploy.search(config, budget, target, graph, scores, criterion, ctx, calib, stages)
+    plan = budget_mod.plan_from_counts(graph.groups, scores, counts)
+    with stages.stage("prune", "removing channels"):
+        pruned = graph_mod.apply_plan(graph, plan)
+        macs1, params1 = graph_mod.count_macs_params(pruned.model, example)
+    if budget.kind == "flops" and macs1 > budget.target * macs0 * (1 + 1e-9):
+        raise BudgetError(f"the pruned model keeps {macs1 / macs0:.1%} of the FLOPs, above the budget {budget.text}")
+    with stages.stage("soundness", "checking the pruned model against the masked original"):
+        diff = graph_mod.soundness_diff(graph, plan, pruned.model, soundness_inputs)
+        scale = float(predict(original, soundness_inputs).abs().max())
+        if not diff <= SOUNDNESS_TOLERANCE * max(1.0, scale):
+            raise CompressorError(
+                f"soundness check failed: pruned model differs from the masked original by {diff:.3g}; "
+                "report this model; --ignore the layers around the offending op to work around it"
+            )
+    if evaluation is not None:
+        with stages.stage("evaluate", "measuring accuracy before recovery"):
+            acc["before_recovery"] = accuracy(pruned.model, evaluation)
+    from compressor.recovery.recipe import DATA_FREE_RECIPE, DEFAULT_RECIPE, run_recipe
+
+    recipe = config.recovery_recipe
+    if recipe is None:
+        recipe = tuple(DEFAULT_RECIPE if calib is not None else DATA_FREE_RECIPE)
+    recovery_info = {}
+    if recipe:
+        with stages.stage("recover", f"recovering accuracy: {' + '.join(recipe)}"):
+            from compressor.recovery import RecoveryContext
+
+            rctx = RecoveryContext(
+                original=original, pruned=pruned.model, groups=graph.groups, plan=plan, kept=pruned.kept,
+                calib=calib.images if calib is not None else None,
+            )
+            recovery_info = run_recipe(list(recipe), rctx)
+    recovered = pruned.model.eval()
+    if evaluation is not None:
+        with stages.stage("evaluate", "measuring accuracy after recovery"):
+            acc["pruned"] = accuracy(recovered, evaluation)
+        drop = 100 * (acc["original"] - acc["pruned"])
+        if config.max_accuracy_drop is not None and drop > config.max_accuracy_drop:
+            raise BudgetError(
+                f"accuracy dropped {drop:.2f} points ({acc['original']:.2%} -> {acc['pruned']:.2%}), "
+                f"more than --max-accuracy-drop {config.max_accuracy_drop}; relax the budget or try another criterion"
+            )
+    with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
+        export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape)
+        save_pytorch(recovered, example, tmp)
+        (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept), indent=1))
+    latency_info = {}
+    if config.latency:
+        with stages.stage("latency", f"measuring latency on {target.name}"):
+            latency_info = deploy.latency(config, target, original, recovered, example, tmp, input_shape)
+    report = Report({
+        "model": config.model,
+        "budget": {"kind": budget.kind, "target": budget.target, "text": budget.text},
+        "criterion": criterion.name,
+        "allocation": config.allocation or "global",
+        "recovery": list(recipe),
+        "recovery_steps": recovery_info,
+        "flops": ratio_block(2 * macs0, 2 * macs1),
+        "macs": ratio_block(macs0, macs1),
+        "params": ratio_block(params0 or count_params(original), params1),
+        "soundness": {
+            "max_abs_diff": diff,
+            "excluded_groups": [{"root": g.root, "size": g.size, "reason": g.reason} for g in graph.excluded],
+        },
+        "export": export_info,
+        "input_shape": list(input_shape),
+        "calibration_images": int(calib.images.shape[0]) if calib is not None else 0,
+        "layers": [{"root": g.root, "kept": int(counts.get(g.id, g.size)), "size": g.size}
+                   for g in graph.groups if g.prunable],
+        "candidates": candidates,
+    })
+    if acc:
+        report.data["accuracy"] = acc
+    report.data.update(latency_info)
+    report.data["plots"] = deploy.plots(report.data, tmp)
+    timings = {k: round(v, 3) for k, v in stages.timings.items()}
+    report.data["timings_s"] = {**timings, "total": round(stages.total(), 3)}
+    report.data["versions"] = versions()
+    report.write(tmp)
+    del output
+    return report
+
+
+def save_pytorch(model: nn.Module, example: torch.Tensor, folder: Path) -> str:
+    """Save the pruned model so that it loads without the user's code.
+
+    ``model.pt2`` is a ``torch.export`` program (``torch.export.load``), with a dynamic batch.
+    """
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model.eval(), (example.repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, folder / "model.pt2")
+    return "model.pt2"
+
+
+def pruning_record(config: CompressConfig, graph, plan, kept) -> dict:
+    """Replayable record: the kept channel indices per group and per layer."""
+    return {
+        "model": config.model,
+        "groups": [
+            {"id": g.id, "root": g.root, "size": g.size, "prunable": g.prunable,
+             "kept": plan[g.id].tolist() if g.id in plan else list(range(g.size))}
+            for g in graph.groups
+        ],
+        "layers": kept,
+    }
+
+
+__all__ = ["run", "accuracy", "predict"]

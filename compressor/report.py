@@ -1,0 +1,135 @@
+"""The run report: ``report.json`` for CI (stable keys) and ``report.md`` for people."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the result."""
+    import onnx
+    import onnxruntime
+    import torch
+    import torch_pruning
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def ratio_block(original: float, pruned: float) -> dict[str, float]:
+    return {"original": original, "pruned": pruned, "ratio": pruned / original if original else 0.0}
+
+
+@dataclass
+class Report:
+    """A dictionary with the stable keys of ``report.json`` plus rendering helpers."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def write(self, folder: Path) -> None:
+        (folder / "report.json").write_text(json.dumps(self.data, indent=2, sort_keys=False) + "\n")
+        (folder / "report.md").write_text(render_markdown(self.data))
+
+    def summary_lines(self) -> list[str]:
+        """A few lines for the terminal."""
+        d = self.data
+        lines = [
+            f"FLOPs kept {d['flops']['ratio']:.1%} (budget {d['budget']['text']}), "
+            f"params kept {d['params']['ratio']:.1%}, soundness max diff {d['soundness']['max_abs_diff']:.2e}"
+        ]
+        acc = d.get("accuracy")
+        if acc:
+            lines.append(
+                f"top-1 accuracy: original {acc['original']:.2%}, pruned {acc['before_recovery']:.2%}, "
+                f"recovered {acc['pruned']:.2%}"
+            )
+        lat = d.get("latency")
+        if lat:
+            lines.append(
+                f"latency ({lat['backend']}, {lat['device']}, batch {lat['batch_size']}): "
+                f"{lat['original_ms']['p50']:.3f} ms -> {lat['pruned_ms']['p50']:.3f} ms (p50), "
+                f"speed-up {lat['speedup']:.2f}x"
+            )
+        excluded = d["soundness"]["excluded_groups"]
+        if excluded:
+            lines.append(f"{len(excluded)} group(s) left unpruned: " + "; ".join(
+                f"{e['root']} ({e['reason']})" for e in excluded[:5]) + (" ..." if len(excluded) > 5 else ""))
+        lines.append(f"wall time {d['timings_s']['total']:.1f} s")
+        return lines
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(d: dict[str, Any]) -> str:
+    """A human-readable report."""
+    out = [f"# Compression report: `{d['model']}`", ""]
+    out += [
+        f"- Budget: **{d['budget']['text']}** ({d['budget']['kind']}, target {d['budget']['target']:g})",
+        f"- Criterion: `{d['criterion']}`; width allocation: `{d.get('allocation', 'global')}`",
+        f"- Recovery: {', '.join(d['recovery']) or 'none'}",
+        "",
+        "| quantity | original | pruned | kept |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, label in (("flops", "FLOPs (2 x MACs)"), ("macs", "MACs"), ("params", "parameters")):
+        b = d[key]
+        out.append(f"| {label} | {b['original']:,.0f} | {b['pruned']:,.0f} | {b['ratio']:.1%} |")
+    acc = d.get("accuracy")
+    if acc:
+        out += ["", "| top-1 accuracy | value |", "| --- | ---: |"]
+        out += [f"| original | {acc['original']:.2%} |", f"| pruned, before recovery | {acc['before_recovery']:.2%} |"]
+        out += [f"| pruned, after recovery | {acc['pruned']:.2%} |"]
+    s = d["soundness"]
+    out += ["", "## Soundness", "", f"Pruned model vs original with removed channels zeroed: max |diff| = "
+            f"{s['max_abs_diff']:.3g}."]
+    if s["excluded_groups"]:
+        out += ["", "Groups left unpruned:", ""] + [f"- `{e['root']}` ({e['size']} ch): {e['reason']}"
+                                                   for e in s["excluded_groups"]]
+    onnx = d["export"].get("onnx")
+    out += ["", "## Export", ""]
+    if onnx:
+        out.append(f"- ONNX `{onnx['path']}`: max |diff| vs PyTorch {onnx['max_abs_diff']:.3g}, "
+                   f"top-1 agreement {onnx['top1_agreement']:.2%}")
+    trt = d["export"].get("tensorrt")
+    out.append(f"- TensorRT: {trt if trt else 'not built (' + d['export'].get('tensorrt_reason', 'unavailable') + ')'}")
+    lat = d.get("latency")
+    if lat:
+        out += ["", "## Latency", "", f"{lat['backend']} on {lat['device']}, batch {lat['batch_size']}"
+                + (" (estimate from the device profile, not a measurement)" if lat.get("estimate") else "") + ":", "",
+                "| model | p50 ms | p90 ms | p99 ms |", "| --- | ---: | ---: | ---: |"]
+        for name in ("original", "pruned"):
+            ms = lat[f"{name}_ms"]
+            out.append(f"| {name} | {_fmt(ms['p50'])} | {_fmt(ms['p90'])} | {_fmt(ms['p99'])} |")
+        out += ["", f"Speed-up: **{lat['speedup']:.2f}x**."]
+    for extra in d.get("latency_other", []):
+        out.append(f"- also {extra['backend']} on {extra['device']}: {extra['original_ms']['p50']:.3f} -> "
+                   f"{extra['pruned_ms']['p50']:.3f} ms p50 ({extra['speedup']:.2f}x)")
+    plots = d.get("plots", {})
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()]
+    widths = d.get("layers")
+    if widths:
+        out += ["", "## Kept channels per group", "", "| group root | kept | of |", "| --- | ---: | ---: |"]
+        out += [f"| `{w['root']}` | {w['kept']} | {w['size']} |" for w in widths]
+    out += ["", "## Timings (s)", ""] + [f"- {k}: {v:.2f}" for k, v in d["timings_s"].items()]
+    out += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in d["versions"].items()]
+    return "\n".join(out) + "\n"

@@ -1,0 +1,144 @@
+"""The command line through typer's CliRunner: help, exit codes, and nothing left behind on failure."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from compressor.cli import app
+
+runner = CliRunner()
+
+NET_SOURCE = """
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+"""
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    (tmp_path / "net.py").write_text(NET_SOURCE)
+    for i in range(24):
+        folder = tmp_path / "calib" / f"c{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return tmp_path
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def base_args(ws, out=None):
+    return [f"{ws / 'net.py'}:Net", "--budget", "50%flops", "--calib", ws / "calib", "--out", out or ws / "out",
+            "--quiet", "--iters", "3", "--warmup", "1"]
+
+
+def test_help_explains_budget_and_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for word in ("compress", "demo", "criteria", "profiles", "bench"):
+        assert word in result.output
+    result = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "multiply-accumulates" in result.output and "MODEL" in result.output
+
+
+def test_criteria_lists_registry():
+    from compressor.criteria import list_criteria
+
+    result = invoke("criteria")
+    assert result.exit_code == 0
+    for name in list_criteria():
+        assert name in result.output
+
+
+def _assert_failed_cleanly(result, code, out):
+    assert result.exit_code == code, result.output
+    message = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(message) == 1, result.output
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [("missing_model", 1, "does not exist"), ("corrupt_model", 1, "not a PyTorch file"),
+     ("pickle_untrusted", 1, "--trust-pickle"), ("weights_mismatch", 1, "do not fit"),
+     ("budget_zero", 2, "50%flops"), ("budget_150", 2, "50%flops"), ("budget_fast", 2, "not understood"),
+     ("empty_calib", 1, "holds no images"), ("unreadable_calib", 1, "cannot read image"),
+     ("gray_images", 1, "channel"), ("rejected_shape", 1, "--input-shape"), ("nan_weights", 1, "NaN"),
+     ("unwritable_out", 1, "cannot write"), ("out_not_empty", 1, "--force")],
+)
+def test_bad_input_fails_with_one_line(workspace, case, code, words):
+    ws = workspace
+    out = ws / "out"
+    args = base_args(ws, out)
+    if case == "missing_model":
+        args[0] = ws / "missing.pt"
+    elif case == "corrupt_model":
+        (ws / "bad.pt").write_bytes(b"garbage")
+        args[0] = ws / "bad.pt"
+    elif case == "pickle_untrusted":
+        torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), ws / "whole.pt")
+        args[0] = ws / "whole.pt"
+    elif case == "weights_mismatch":
+        torch.save({"fc.weight": torch.zeros(9, 9)}, ws / "w.pt")
+        args += ["--weights", ws / "w.pt"]
+    elif case.startswith("budget_"):
+        args[2] = {"budget_zero": "0%flops", "budget_150": "150%flops", "budget_fast": "fast"}[case]
+    elif case == "empty_calib":
+        (ws / "empty").mkdir()
+        args[4] = ws / "empty"
+    elif case == "unreadable_calib":
+        (ws / "junk").mkdir()
+        (ws / "junk" / "a.jpg").write_bytes(b"not a jpeg")
+        args[4] = ws / "junk"
+    elif case == "gray_images":
+        (ws / "gray").mkdir()
+        for i in range(3):
+            Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(ws / "gray" / f"{i}.png")
+        args[4] = ws / "gray"
+        args += ["--mean", "0.5", "--std", "0.5"]
+    elif case == "rejected_shape":
+        args += ["--input-shape", "3x2x2", "--no-latency"]
+        (ws / "net.py").write_text(NET_SOURCE.replace("self.body(x).mean((2, 3))", "self.body(x).flatten(1)"))
+    elif case == "nan_weights":
+        from compressor.model_io import load_model
+
+        state = load_model(f"{ws / 'net.py'}:Net").state_dict()
+        state["fc.bias"][0] = float("nan")
+        torch.save(state, ws / "nan.pt")
+        args += ["--weights", ws / "nan.pt"]
+    elif case == "unwritable_out":
+        (ws / "file").write_text("x")
+        out = ws / "file" / "sub"
+        args[6] = out
+    elif case == "out_not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("precious")
+    result = invoke(*args)
+    assert words in result.output, result.output
+    if case == "out_not_empty":
+        assert result.exit_code == 1 and "--force" in result.output
+        assert (out / "keep.txt").read_text() == "precious"
+        return
+    if case == "unwritable_out":
+        assert result.exit_code == 1 and result.output.startswith("error:")
+        return
+    _assert_failed_cleanly(result, code, out)

@@ -1,0 +1,76 @@
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compressor.data import load_images, parse_shape
+from compressor.errors import CompressorError, UsageError
+
+
+def _write(folder, n=6, size=(12, 10), mode="RGB", classes=("cat", "dog")):
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        arr = np.full((size[1], size[0], 3), i * 20, dtype=np.uint8)
+        Image.fromarray(arr).convert(mode).save(folder / cls / f"{i}.png")
+
+
+def test_folder_labels_resize_and_normalize(tmp_path):
+    _write(tmp_path)
+    data = load_images(tmp_path, input_shape=(3, 8, 8), mean=(0, 0, 0), std=(1, 1, 1), labelled=True)
+    assert data.images.shape == (6, 3, 8, 8)
+    assert data.classes == ("cat", "dog")
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]  # sorted names: 0,2,4 are cat; 1,3,5 dog
+    assert torch.allclose(data.images[0], torch.zeros(3, 8, 8))
+
+
+def test_tar_subset_is_seeded(tmp_path):
+    _write(tmp_path / "src", n=10)
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src", arcname="train")
+    a = load_images(archive, limit=4, seed=1)
+    b = load_images(archive, limit=4, seed=1)
+    c = load_images(archive, limit=4, seed=2)
+    assert a.images.shape[0] == 4 and torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_tensor_file(tmp_path):
+    torch.save(torch.randn(5, 3, 4, 4), tmp_path / "x.pt")
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 4, 4), dtype=np.float32))
+    assert load_images(tmp_path / "x.pt", limit=3).images.shape == (3, 3, 4, 4)
+    assert load_images(tmp_path / "x.npy").images.shape == (2, 3, 4, 4)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt_image", "bad_tensor", "wrong_channels", "corrupt_tar"])
+def test_bad_data_is_one_line_error(tmp_path, case):
+    path = tmp_path / "d"
+    shape = None
+    if case == "empty":
+        path.mkdir()
+    elif case == "corrupt_image":
+        path.mkdir()
+        (path / "a.jpg").write_bytes(b"not an image")
+    elif case == "bad_tensor":
+        path = tmp_path / "x.pt"
+        torch.save(torch.randn(3, 4), path)
+    elif case == "wrong_channels":
+        _write(path, mode="L")
+        shape = (3, 8, 8)
+    elif case == "corrupt_tar":
+        path = tmp_path / "x.tar.gz"
+        path.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(CompressorError) as info:
+        load_images(path, input_shape=shape, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert "\n" not in str(info.value)
+
+
+def test_parse_shape():
+    assert parse_shape("3x32x32") == (3, 32, 32)
+    with pytest.raises(UsageError):
+        parse_shape("32x32")
+
+

@@ -1,0 +1,53 @@
+"""Shared fixtures: the reference data in ../shared (tests skip with a message without it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared, or skip the test with a message saying what is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: these tests need the reference data in ../shared beside the repo")
+    return path
+
+
+@pytest.fixture
+def cifar_resnet_file() -> Path:
+    return shared_path("models", "cifar_resnet.py")
+
+
+@pytest.fixture
+def resnet56_weights() -> Path:
+    return shared_path("models", "resnet56-cifar10-jpeg.pt")
+
+
+@pytest.fixture
+def cifar_train_tar() -> Path:
+    return shared_path("data", "cifar10-jpeg", "train.tar.gz")
+
+
+@pytest.fixture
+def cifar_val_tar() -> Path:
+    return shared_path("data", "cifar10-jpeg", "val.tar.gz")
+
+
+def load_cifar_resnet(depth: int = 20) -> torch.nn.Module:
+    """A random-weight option-A CIFAR ResNet from ../shared/models/cifar_resnet.py."""
+    import importlib.util
+
+    path = shared_path("models", "cifar_resnet.py")
+    spec = importlib.util.spec_from_file_location("shared_cifar_resnet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.CifarResNet(depth).eval()
