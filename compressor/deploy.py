@@ -89,7 +89,7 @@ def _latency_timer(config: CompressConfig, target: Target, example: torch.Tensor
 
 
 def export_all(model: nn.Module, example: torch.Tensor, inputs: torch.Tensor, folder: Path, target: Target,
-               input_shape) -> dict:
+               input_shape, batch_size: int = 1) -> dict:
     """Write ``model.onnx`` (checked in onnxruntime), a TensorRT engine or a device bundle."""
     from export.onnx import check_onnx, export_onnx
     from export.tensorrt import build_engine, tensorrt_available, write_device_bundle
@@ -107,7 +107,7 @@ def export_all(model: nn.Module, example: torch.Tensor, inputs: torch.Tensor, fo
         info["tensorrt_reason"] = reason or "the target profile has no TensorRT"
     if not target.local and target.profile is not None:
         bundle = folder / f"bundle-{target.name}"
-        command = write_device_bundle(bundle, onnx_path, target.profile, input_shape, batch_size=1)
+        command = write_device_bundle(bundle, onnx_path, target.profile, input_shape, batch_size=batch_size)
         info["bundle"] = {"path": bundle.name, "trtexec": command}
     return info
 

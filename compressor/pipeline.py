@@ -233,7 +233,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
                 f"more than --max-accuracy-drop {config.max_accuracy_drop}; relax the budget or try another criterion"
             )
     with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
-        export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape)
+        export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,
+                                        config.batch_size)
         save_pytorch(recovered, example, tmp)
         (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept), indent=1))
     latency_info = {}

@@ -142,3 +142,30 @@ def test_bad_input_fails_with_one_line(workspace, case, code, words):
         assert result.exit_code == 1 and result.output.startswith("error:")
         return
     _assert_failed_cleanly(result, code, out)
+
+
+def test_end_to_end_small_network(workspace):
+    import json
+
+    out = workspace / "out"
+    eval_args = ["--eval", workspace / "calib"]
+    result = invoke(*base_args(workspace, out), *eval_args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert 0.49 <= report["flops"]["ratio"] <= 0.50
+    assert report["macs"]["ratio"] == pytest.approx(report["flops"]["ratio"])
+    assert report["soundness"]["max_abs_diff"] < 1e-4
+    assert report["export"]["onnx"]["max_abs_diff"] <= 1e-4
+    assert set(report["accuracy"]) == {"original", "before_recovery", "pruned"}
+    program = torch.export.load(out / "model.pt2").module()
+    x = torch.randn(3, 3, 16, 16)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.allclose(program(x), torch.from_numpy(onnx_out), atol=1e-4)
+    record = json.loads((out / "pruning.json").read_text())
+    assert any(g["prunable"] and len(g["kept"]) < g["size"] for g in record["groups"])
+    # a second run into the same folder is refused without --force and replaces it with --force
+    assert invoke(*base_args(workspace, out)).exit_code == 1
+    assert invoke(*base_args(workspace, out), "--force").exit_code == 0

@@ -1,0 +1,126 @@
+"""Helpers shared by the recovery methods: calibration batches, layer lookup, conv -> BN pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.recovery.base import RecoveryContext
+
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MEMORY_BUDGET = 1.5e9  # bytes of activations allowed for single-batch passes
+
+
+def require_calib(ctx: RecoveryContext, method: str) -> torch.Tensor:
+    """The calibration tensor, or a one-line error saying that ``method`` needs it."""
+    if ctx.calib is None or len(ctx.calib) == 0:
+        raise CompressorError(
+            f"recovery method {method!r} needs calibration images; pass --calib or use the data-free recipe (datafree)"
+        )
+    return ctx.calib
+
+
+def batches(calib: torch.Tensor, batch_size: int, device: str) -> Iterator[torch.Tensor]:
+    """Calibration tensor in batches on ``device``."""
+    step = max(1, int(batch_size))
+    for start in range(0, len(calib), step):
+        yield calib[start : start + step].to(device)
+
+
+def module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def execution_order(model: nn.Module, x: torch.Tensor, types=LAYER_TYPES) -> list[str]:
+    """Names of the modules of ``types`` in the order their forward first runs on ``x``."""
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            handles.append(module.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    seen: set[str] = set()
+    return [n for n in order if not (n in seen or seen.add(n))]
+
+
+def conv_bn_pairs(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
+    """Map layer name -> name of the BatchNorm that directly consumes its output (if only that BN).
+
+    Found by tensor identity on one forward pass, so it works for plain modules and fx graphs.
+    """
+    produced: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+    handles = []
+
+    def on_layer(name):
+        def hook(_m, _i, out):
+            produced[id(out)] = name
+
+        return hook
+
+    def on_bn(name):
+        def hook(_m, inputs):
+            src = produced.get(id(inputs[0]))
+            if src is not None:
+                pairs[src] = name
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, LAYER_TYPES):
+            handles.append(module.register_forward_hook(on_layer(name)))
+        elif isinstance(module, BN_TYPES):
+            handles.append(module.register_forward_pre_hook(on_bn(name)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return pairs
+
+
+def set_bias(layer: nn.Module, bias: torch.Tensor) -> None:
+    """Set (creating if absent) the bias of a conv/linear layer."""
+    bias = bias.to(layer.weight.dtype).to(layer.weight.device)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=layer.weight.requires_grad)
+    else:
+        with torch.no_grad():
+            layer.bias.copy_(bias)
+
+
+
+def image_cap(model: nn.Module, calib: torch.Tensor, device: str) -> int:
+    """How many calibration images fit in one batch within MEMORY_BUDGET (activations only)."""
+    largest = 0
+    handles = []
+
+    def hook(_m, _i, out):
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out[0].numel() * out.element_size())
+
+    for m in model.modules():
+        if not list(m.children()):
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(calib[:1].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    per_image = max(1, largest) * 6  # a few live activations plus the gathered patches
+    return max(8, min(len(calib), int(MEMORY_BUDGET // per_image)))

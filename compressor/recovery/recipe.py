@@ -1,0 +1,83 @@
+"""Composable recovery recipes: apply methods in order, time them, and measure label-free fidelity."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+
+from compressor.errors import CompressorError
+from compressor.recovery import get_recovery
+from compressor.recovery.base import RecoveryContext
+from compressor.recovery.common import batches
+
+# Chosen by measurement (bench/results/recovery.md): least squares, then BatchNorm re-estimation.
+DEFAULT_RECIPE: list[str] = ["lsq", "bn"]
+DATA_FREE_RECIPE: list[str] = ["datafree"]
+HOLDOUT_MAX = 128  # images held out of the calibration set to measure fidelity
+HOLDOUT_MIN_CALIB = 256  # below this the fidelity is measured on the calibration images themselves
+
+
+@torch.no_grad()
+def fidelity(original: torch.nn.Module, pruned: torch.nn.Module, images: torch.Tensor, batch_size: int = 128,
+             device: str = "cpu") -> dict[str, float]:
+    """Label-free agreement of ``pruned`` with ``original``: top-1 agreement and mean KL(orig || pruned)."""
+    agree, kl, n = 0, 0.0, 0
+    original.eval()
+    pruned.eval()
+    for x in batches(images, batch_size, device):
+        lo, lp = original(x).float(), pruned(x).float()
+        if lo.dim() != 2:
+            lo, lp = lo.flatten(1), lp.flatten(1)
+        agree += int((lo.argmax(1) == lp.argmax(1)).sum())
+        kl += float(F.kl_div(F.log_softmax(lp, 1), F.log_softmax(lo, 1), log_target=True, reduction="sum"))
+        n += len(x)
+    return {"top1_agreement": agree / max(1, n), "kl": kl / max(1, n)}
+
+
+def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) -> dict:
+    """Apply the recovery methods ``names`` in order to ``ctx.pruned``.
+
+    With ``measure`` and calibration data, up to HOLDOUT_MAX images (when there are at least
+    HOLDOUT_MIN_CALIB) are held out of the methods and used to report the pruned model's
+    top-1 agreement with the original and the KL divergence, before and after.
+
+    Returns {"recipe": names, "steps": [{"name", "seconds"}], "seconds": total,
+    "fidelity": {"before": {...}, "after": {...}, "images": n, "held_out": bool}} (fidelity
+    only when measured).
+    """
+    names = [n for n in names if n and n != "none"]
+    methods = [get_recovery(n) for n in names]
+    for method in methods:
+        if method.needs_data and ctx.calib is None:
+            raise CompressorError(
+                f"recovery method {method.name!r} needs calibration images; pass --calib or use the data-free "
+                f"recipe ({' + '.join(DATA_FREE_RECIPE)})"
+            )
+    run_ctx, probe, held_out = ctx, None, False
+    if measure and ctx.calib is not None and len(ctx.calib) > 1:
+        n = len(ctx.calib)
+        if n >= HOLDOUT_MIN_CALIB:
+            # a strided slice: calibration sets are often stored class by class
+            k = min(HOLDOUT_MAX, n // 8)
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[torch.linspace(0, n - 1, k).round().long()] = True
+            probe, held_out = ctx.calib[mask], True
+            run_ctx = dataclasses.replace(ctx, calib=ctx.calib[~mask])
+        else:
+            probe = ctx.calib
+    result: dict = {"recipe": names, "steps": []}
+    before = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device) if probe is not None else None
+    start = time.perf_counter()
+    for method in methods:
+        t0 = time.perf_counter()
+        method.apply(run_ctx)
+        ctx.pruned.eval()
+        result["steps"].append({"name": method.name, "seconds": time.perf_counter() - t0})
+    result["seconds"] = time.perf_counter() - start
+    if probe is not None:
+        after = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device)
+        result["fidelity"] = {"before": before, "after": after, "images": len(probe), "held_out": held_out}
+    return result

@@ -1,0 +1,256 @@
+"""Recoverability-aware width allocation: spend the MAC budget where pruning hurts least *after recovery*.
+
+For every prunable group and a few keep ratios, the group alone is pruned (the channels kept
+are the highest-scoring ones, as the final plan will keep), its direct consumers are refit by
+least squares (the cheap part of the recovery recipe), and the distortion of the logits
+against the original (KL divergence of the softmax; relative MSE for non-2-D outputs) is
+measured on a small probe slice of the calibration images. Probes re-run only the part of
+the network downstream of the pruned group, from cached original activations.
+
+Widths are then chosen greedily: starting from full width, repeatedly remove one step of
+channels from the group with the lowest increase of (interpolated) distortion per MAC saved,
+until the fast MAC estimate meets the target. Distortions of different groups are assumed
+additive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from compressor import budget as budget_mod
+from compressor import graph as graph_mod
+from compressor.errors import BudgetError
+from compressor.recovery.common import LAYER_TYPES
+from compressor.recovery.lsq import _at, _fit, _positions, _run_node
+
+PROBE_IMAGES = 32
+PROBE_RATIOS = (0.75, 0.5, 0.25)
+PROBE_SAMPLES = 2048  # sampled output positions per least-squares fit in a probe
+
+
+def _distortion(ref: torch.Tensor, out: torch.Tensor) -> float:
+    if ref.dim() == 2:
+        return float(F.kl_div(F.log_softmax(out.float(), 1), F.log_softmax(ref.float(), 1), log_target=True,
+                              reduction="batchmean"))
+    return float(((out - ref) ** 2).mean() / ref.var().clamp_min(1e-12))
+
+
+class _Prober:
+    """Runs pruned variants of ``graph.model`` on a probe batch, reusing the original's activations."""
+
+    def __init__(self, graph: graph_mod.ChannelGraph, probe: torch.Tensor, device: str) -> None:
+        self.graph = graph
+        self.probe = probe.to(device)
+        self.gm: fx.GraphModule | None
+        try:
+            self.gm = fx.symbolic_trace(graph.model)
+        except Exception:  # noqa: BLE001 - untraceable: probes run the whole pruned model
+            self.gm = None
+        with torch.no_grad():
+            if self.gm is not None:
+                self.cache: dict[fx.Node, object] = {}
+                for node in self.gm.graph.nodes:
+                    value = _run_node(self.gm, node, self.cache, self.probe)
+                    self.cache[node] = value
+                    if node.op == "output":
+                        self.ref = fx.node.map_arg(node.args[0], lambda a: self.cache[a])
+            else:
+                self.ref = graph.model(self.probe)
+
+    def distortion(self, plan: dict[int, torch.Tensor], refit: bool = True) -> float:
+        pruned = graph_mod.apply_plan(self.graph, plan)
+        model, kept = pruned.model.eval(), pruned.kept
+        with torch.no_grad():
+            if self.gm is None:
+                return _distortion(self.ref, model(self.probe))
+            return _distortion(self.ref, self._run(model, kept, refit))
+
+    def _run(self, model: nn.Module, kept: dict, refit: bool):
+        gen = torch.Generator().manual_seed(0)
+        changed = set(kept)
+        env: dict[fx.Node, object] = {}
+        dirty: set[fx.Node] = set()
+        root = _Root(model, self.gm)
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr":  # buffers (e.g. index maps) may have changed with the pruning
+                value = _run_node(root, node, env, self.probe)
+                cached = self.cache[node]
+                same = value is cached or (
+                    isinstance(value, torch.Tensor) and isinstance(cached, torch.Tensor)
+                    and value.shape == cached.shape and bool(torch.equal(value, cached))
+                )
+                env[node] = value
+                if not same:
+                    dirty.add(node)
+                continue
+            touches = node.op == "call_module" and _owner(str(node.target), changed)
+            if not touches and not any(a in dirty for a in node.all_input_nodes):
+                env[node] = self.cache[node]  # unaffected: the original's value
+                continue
+            dirty.add(node)
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda a: env[a])
+            if node.op == "call_module" and refit:
+                module = model.get_submodule(node.target)
+                if isinstance(module, LAYER_TYPES) and "in" in kept.get(node.target, {}):
+                    self._refit(module, node, env, kept, gen)
+            if _in_place(node, model):
+                first = node.args[0] if node.args else None
+                if isinstance(first, fx.Node) and first not in dirty and isinstance(env.get(first), torch.Tensor):
+                    env[first] = env[first].clone()  # never mutate a cached activation
+            env[node] = _run_node(root, node, env, self.probe)
+        return None
+
+    def _refit(self, module, node, env, kept, gen) -> None:
+        y = self.cache[node]
+        n, hw, out_w = _positions(y, module, gen, 1, PROBE_SAMPLES, PROBE_SAMPLES)
+        target = _at(y, module, n, hw)
+        out_idx = kept.get(node.target, {}).get("out")
+        if out_idx:
+            target = target[:, torch.as_tensor(out_idx, dtype=torch.long, device=target.device)]
+        x = fx.node.map_arg(node.args, lambda a: env[a])[0]
+        _fit(module, x, n, hw, out_w, target, fit_bias=True)
+
+
+class _Root:
+    """Module lookup for ``_run_node``: modules and attributes of the pruned model, constants of the trace."""
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
+        self.model, self.gm = model, gm
+
+    def get_submodule(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def __getattr__(self, name: str):
+        model = self.__dict__["model"]
+        return getattr(model, name) if hasattr(model, name) else getattr(self.__dict__["gm"], name)
+
+
+def _in_place(node: fx.Node, model: nn.Module) -> bool:
+    import operator
+
+    if node.op == "call_function":
+        return node.target in (operator.iadd, operator.imul, operator.isub) or bool(node.kwargs.get("inplace"))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(node.target), "inplace", False))
+    return False
+
+
+def _owner(target: str, changed: set[str]) -> bool:
+    """Whether ``target`` (a module or parameter path) is, or lies inside, a changed module."""
+    parts = target.split(".")
+    return any(".".join(parts[:i]) in changed for i in range(1, len(parts) + 1))
+
+
+def _interp(points: list[tuple[int, float]], count: int) -> float:
+    """Piecewise-linear distortion at ``count`` through (count, distortion) points sorted by count desc;
+    linear extrapolation below the smallest probed count."""
+    for (c_hi, d_hi), (c_lo, d_lo) in zip(points, points[1:], strict=False):
+        if c_lo <= count <= c_hi:
+            if c_hi == c_lo:
+                return d_lo
+            return d_lo + (d_hi - d_lo) * (count - c_lo) / (c_hi - c_lo)
+    (c_hi, d_hi), (c_lo, d_lo) = points[-2], points[-1]
+    slope = (d_lo - d_hi) / max(1, c_hi - c_lo)
+    return d_lo + slope * (c_lo - count)
+
+
+def probe_sensitivity(
+    graph: graph_mod.ChannelGraph,
+    scores: dict[int, torch.Tensor],
+    calib: torch.Tensor,
+    *,
+    device: str = "cpu",
+    ratios: tuple[float, ...] = PROBE_RATIOS,
+    probe_images: int = PROBE_IMAGES,
+    refit: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[int, list[tuple[int, float]]]:
+    """Measured (kept count, distortion) points per prunable group, counts descending, starting at full width."""
+    n = len(calib)
+    idx = torch.linspace(0, n - 1, min(n, probe_images)).round().long().unique()  # strided: data may be sorted
+    prober = _Prober(graph, calib[idx], device)
+    curves: dict[int, list[tuple[int, float]]] = {}
+    prunable = [g for g in graph.groups if g.prunable]
+    for i, g in enumerate(prunable):
+        points = [(g.size, 0.0)]
+        order = torch.argsort(scores[g.id].double(), descending=True, stable=True)
+        for r in ratios:
+            count = budget_mod._round_count(g, int(round(g.size * r)))
+            if count >= points[-1][0]:
+                continue
+            plan = {g.id: torch.sort(order[:count]).values}
+            points.append((count, max(points[-1][1], prober.distortion(plan, refit))))
+        if len(points) == 1:
+            points.append((g.size - 1, 0.0))
+        curves[g.id] = points
+        if progress is not None:
+            progress(f"sensitivity {i + 1}/{len(prunable)}: {g.root} {points[1:]}")
+    return curves
+
+
+def allocate_widths(
+    graph: graph_mod.ChannelGraph,
+    scores: dict[int, torch.Tensor],
+    calib: torch.Tensor,
+    target_macs: float,
+    *,
+    device: str = "cpu",
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict[int, int]:
+    """Kept channel count per prunable group with ``estimate_macs <= target_macs``, by measured sensitivity.
+
+    Counts honour each group's ``min_channels`` and ``multiple``.
+
+    Raises:
+        BudgetError: the target is below what the narrowest allowed widths give.
+    """
+    del batch_size  # the probe slice is one batch
+    groups = graph.groups
+    prunable = [g for g in groups if g.prunable]
+    floor = budget_mod.min_counts(groups)
+    estimate = lambda counts: graph_mod.estimate_macs(graph, counts)  # noqa: E731
+    if estimate(floor) > target_macs:
+        raise BudgetError(
+            f"budget unreachable: even the narrowest allowed widths keep {estimate(floor):.3g} MACs "
+            f"> target {target_macs:.3g}; relax the budget, lower --min-channels or drop --ignore patterns"
+        )
+    counts = {g.id: g.size for g in prunable}
+    if estimate(counts) <= target_macs:
+        return counts
+    start = time.perf_counter()
+    curves = probe_sensitivity(graph, scores, calib, device=device, progress=progress)
+    by_id = {g.id: g for g in prunable}
+    current = estimate(counts)
+    while current > target_macs:
+        best, best_cost, best_counts, best_macs = None, math.inf, None, None
+        for gid, count in counts.items():
+            g = by_id[gid]
+            step = max(1, g.multiple)
+            new = budget_mod._round_count(g, count - step)
+            if new >= count or new < floor[gid]:
+                continue
+            trial = dict(counts)
+            trial[gid] = new
+            macs = estimate(trial)
+            saved = current - macs
+            if saved <= 0:
+                continue
+            cost = (_interp(curves[gid], new) - _interp(curves[gid], count)) / saved
+            if cost < best_cost:
+                best, best_cost, best_counts, best_macs = gid, cost, trial, macs
+        if best is None:  # cannot shrink further (should not happen after the floor check)
+            raise BudgetError(f"budget unreachable: {current:.3g} MACs > target {target_macs:.3g}")
+        counts, current = best_counts, best_macs
+    if progress is not None:
+        progress(f"sensitivity allocation: {current:.4g} MACs in {time.perf_counter() - start:.1f} s")
+    return counts

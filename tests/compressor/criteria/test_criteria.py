@@ -1,0 +1,295 @@
+"""Channel-importance criteria on a tiny residual Conv-BN net with hand-built channel groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.criteria import ScoringContext, get_criterion, list_criteria
+from compressor.errors import CompressorError
+from compressor.groups import ChannelGroup, GroupMember
+
+# ---------------------------------------------------------------- a tiny net and its groups
+
+
+class TinyRes(nn.Module):
+    """stem conv-bn-relu (8) -> block conv1-bn1-relu (4) -> conv2-bn2 (+ stem) -> relu -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.conv0(x)))
+        y = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(y)) + x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def tiny_model(seed: int = 0) -> TinyRes:
+    torch.manual_seed(seed)
+    model = TinyRes()
+    with torch.no_grad():  # non-trivial BN statistics so that folding and post-BN taps matter
+        for bn in (model.bn0, model.bn1, model.bn2):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def tiny_groups(reverse: bool = False) -> list[ChannelGroup]:
+    """The residual group (8), the block-internal group (4) and the unprunable classifier output.
+
+    ``reverse`` numbers the residual group's channels backwards (group channel c = module index 7-c)
+    to check that criteria honour member indices.
+    """
+    r8 = tuple(range(7, -1, -1)) if reverse else tuple(range(8))
+    res = ChannelGroup(
+        0, "conv0", 8,
+        [GroupMember("conv0", "out", r8), GroupMember("bn0", "out", r8), GroupMember("conv2", "out", r8),
+         GroupMember("bn2", "out", r8), GroupMember("conv1", "in", r8), GroupMember("fc", "in", r8)],
+    )
+    inner = ChannelGroup(
+        1, "conv1", 4,
+        [GroupMember("conv1", "out", tuple(range(4))), GroupMember("bn1", "out", tuple(range(4))),
+         GroupMember("conv2", "in", tuple(range(4)))],
+    )
+    head = ChannelGroup(2, "fc", 10, [GroupMember("fc", "out", tuple(range(10)))], prunable=False, reason="output")
+    return [res, inner, head]
+
+
+def images(n: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(8, 8), mode="bilinear", align_corners=False)
+
+
+def context(model=None, groups=None, calib="default", **kw) -> ScoringContext:
+    model = tiny_model() if model is None else model
+    calib = images() if isinstance(calib, str) else calib
+    return ScoringContext(model=model, groups=groups or tiny_groups(), calib=calib, batch_size=8, **kw)
+
+
+def snapshot(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: m.training for n, m in model.named_modules()},
+        {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+         for n, m in model.named_modules()},
+        [p.grad is None for p in model.parameters()],
+    )
+
+
+ALL = list_criteria()
+DATA = [n for n in ALL if get_criterion(n).needs_data]
+
+
+# ---------------------------------------------------------------- contract tests, every criterion
+
+
+def test_expected_members_registered():
+    expected = {"l1", "l2", "fpgm", "bn_scale", "random", "taylor", "lrp", "attribution", "taylor_guided",
+                "snpfi", "dirichlet"}
+    assert expected <= set(ALL), expected - set(ALL)
+    for name in ALL:
+        c = get_criterion(name)
+        assert c.name == name and c.description and c.paper
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scores_shape_finite_deterministic_and_stateless(name):
+    model = tiny_model()
+    # a mixed-mode, partly frozen model with a user hook must come back exactly as it was
+    model.bn1.train()
+    model.conv0.weight.requires_grad_(False)
+    handle = model.fc.register_forward_hook(lambda *a: None)
+    before = snapshot(model)
+    ctx = context(model)
+    scores = get_criterion(name).score(ctx)
+    again = get_criterion(name).score(context(model))
+    after = snapshot(model)
+    handle.remove()
+
+    assert set(scores) == {0, 1}
+    for g in ctx.prunable_groups():
+        s = scores[g.id]
+        assert s.dtype == torch.float32 and s.device.type == "cpu" and s.shape == (g.size,)
+        assert torch.isfinite(s).all() and (s >= 0).all()
+        assert torch.equal(s, again[g.id]), "not deterministic for the same seed"
+    for b, a in zip(before[0].values(), after[0].values(), strict=True):
+        assert torch.equal(a, b)
+    assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("name", DATA)
+def test_data_criteria_need_calibration(name):
+    with pytest.raises(CompressorError, match="needs calibration data"):
+        get_criterion(name).score(context(calib=None))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("random", "dirichlet")])  # both sample in group order
+def test_member_indices_are_honoured(name):
+    """Numbering the residual group backwards reverses its scores (same channels, other order)."""
+    plain = get_criterion(name).score(context())
+    rev = get_criterion(name).score(context(groups=tiny_groups(reverse=True)))
+    torch.testing.assert_close(rev[0], plain[0].flip(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rev[1], plain[1], rtol=1e-4, atol=1e-6)
+
+
+def test_random_depends_on_seed():
+    a = get_criterion("random").score(context(seed=0))
+    b = get_criterion("random").score(context(seed=1))
+    assert not torch.equal(a[0], b[0])
+
+
+# ---------------------------------------------------------------- sanity checks per criterion
+
+
+@pytest.mark.parametrize("name", ["l1", "l2", "fpgm"])
+def test_weight_norms_rank_a_zeroed_filter_lowest(name):
+    model = tiny_model()
+    with torch.no_grad():
+        model.conv1.weight[2].zero_()
+    s = get_criterion(name).score(context(model))[1]
+    assert int(s.argmin()) == 2
+
+
+def test_bn_scale_reads_gamma():
+    model = tiny_model()
+    with torch.no_grad():
+        model.bn1.weight.copy_(torch.tensor([1.0, -3.0, 0.01, 2.0]))
+    s = get_criterion("bn_scale").score(context(model))[1]
+    assert s.argsort().tolist() == [2, 0, 3, 1]
+
+
+def dead_consumer_model(channel: int = 2) -> TinyRes:
+    """Channel ``channel`` of the block-internal group feeds nothing (its conv2 input weights are 0)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.conv2.weight[:, channel].zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", ["taylor", "lrp"])
+def test_gradient_criteria_give_no_importance_to_a_channel_nobody_reads(name):
+    s = get_criterion(name).score(context(dead_consumer_model(2)))[1]
+    assert s[2] <= 1e-6 * s.max() and s.max() > 0
+
+
+def test_dirichlet_gives_the_lowest_weight_to_a_channel_nobody_reads():
+    s = get_criterion("dirichlet").score(context(dead_consumer_model(2)))[1]
+    assert int(s.argmin()) == 2
+
+
+def test_taylor_guided_masks_a_channel_nobody_reads_first():
+    s = get_criterion("taylor_guided").score(context(dead_consumer_model(2)))[1]
+    assert int(s.argmin()) == 2
+    assert s[2] < 0.25 + 1e-6  # masked in the first round that masks anything (level 1 of 4, no evidence)
+
+
+@pytest.mark.parametrize("name", ["attribution", "snpfi", "taylor"])
+def test_activation_criteria_give_nothing_to_a_silent_channel(name):
+    model = tiny_model()
+    with torch.no_grad():  # channel 1 of the inner group outputs exactly 0 after bn1
+        model.conv1.weight[1].zero_()
+        model.bn1.bias[1] = 0.0
+        model.bn1.running_mean[1] = 0.0
+    s = get_criterion(name).score(context(model))[1]
+    assert s[1] <= 1e-6 * s.max() and s.max() > 0
+
+
+def test_taylor_uses_labels_when_given():
+    calib = images()
+    labels = torch.arange(len(calib)) % 10
+    free = get_criterion("taylor").score(context(calib=calib))
+    labelled = get_criterion("taylor").score(context(calib=calib, labels=labels))
+    assert not torch.allclose(free[0], labelled[0])
+
+
+def test_lrp_matches_an_explicit_relevance_propagation():
+    """The modified-gradient LRP equals LRP written out by hand on the tiny residual net."""
+    from compressor.criteria.lrp import lrp_relevance
+
+    model, x = tiny_model(), images(6)
+    eps = 1e-2
+    got = lrp_relevance(context(model, calib=x), eps=eps)
+
+    with torch.no_grad():
+        x0 = F.relu(model.bn0(model.conv0(x)))
+        y = F.relu(model.bn1(model.conv1(x0)))
+        s = model.bn2(model.conv2(y))
+        t = s + x0
+        u = F.relu(t)
+        p = u.mean((2, 3))
+        logits = model.fc(p)
+        r_logits = torch.zeros_like(logits)
+        r_logits.scatter_(1, logits.argmax(1, keepdim=True), logits.gather(1, logits.argmax(1, keepdim=True)))
+        z = logits + eps * torch.where(logits >= 0, 1.0, -1.0)
+        r_p = p * ((r_logits / z) @ model.fc.weight)  # epsilon rule
+        r_u = u / u.sum((2, 3), keepdim=True).clamp_min(1e-30) * r_p[:, :, None, None]  # average pool
+        r_s = torch.where(t != 0, s / t, torch.zeros_like(t)) * r_u  # proportional split at the addition
+        # alpha1-beta0 through conv2 with bn2 folded in
+        bn = model.bn2
+        wf = model.conv2.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps))[:, None, None, None]
+        cols = F.unfold(y, 3, padding=1)  # N x (4*9) x L
+        contrib = (cols[:, None] * wf.flatten(1)[None, :, :, None]).clamp_min(0)  # N x 8 x 36 x L
+        share = contrib / contrib.sum(2, keepdim=True).clamp_min(1e-9)
+        r_cols = (share * r_s.flatten(2)[:, :, None, :]).sum(1)  # N x 36 x L
+        r_y = F.fold(r_cols, y.shape[2:], 3, padding=1)
+
+    torch.testing.assert_close(got[1]["bn1"].float(), r_y.sum((0, 2, 3)), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got[0]["bn2"].float(), r_s.sum((0, 2, 3)), rtol=1e-3, atol=1e-4)
+
+
+def test_snpfi_sees_duplicated_filters_and_proposes_keep_ratios():
+    base = get_criterion("snpfi")
+    plain_ratios = base.propose_keep_ratios(context())
+    model = tiny_model()
+    with torch.no_grad():  # channel 3 of the inner group duplicates channel 2
+        model.conv1.weight[3] = model.conv1.weight[2]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(model.bn1, name)[3] = getattr(model.bn1, name)[2]
+    ctx = context(model)
+    crit = get_criterion("snpfi")
+    s = crit.score(ctx)[1]
+    ratios = crit.propose_keep_ratios(ctx)
+    assert set(ratios) == {0, 1} and all(0 < r <= 1 for r in ratios.values())
+    assert s[2] < 0.05 * s.max() and s[3] < 0.05 * s.max()  # each is reproduced by its twin
+    assert ratios[1] < plain_ratios[1]
+
+
+@pytest.mark.slow
+def test_every_criterion_on_the_cifar_resnet_graph():
+    from conftest import load_cifar_resnet
+
+    from compressor.graph import build_graph
+
+    graph = build_graph(load_cifar_resnet(20), torch.randn(1, 3, 32, 32))
+    calib = images(8).repeat(1, 1, 4, 4)  # 32 x 32
+    before = snapshot(graph.model)
+    for name in ALL:
+        ctx = ScoringContext(model=graph.model, groups=graph.groups, calib=calib, batch_size=4)
+        scores = get_criterion(name).score(ctx)
+        assert set(scores) == {g.id for g in graph.groups if g.prunable}, name
+        for g in ctx.prunable_groups():
+            s = scores[g.id]
+            assert s.shape == (g.size,) and torch.isfinite(s).all() and (s >= 0).all(), (name, g.root)
+            if name != "random":
+                assert s.max() > 0, (name, g.root)
+    after = snapshot(graph.model)
+    for b, a in zip(before[0].values(), after[0].values(), strict=True):
+        assert torch.equal(a, b)
+    assert before[1:] == after[1:]
+    ratios = get_criterion("snpfi").propose_keep_ratios(
+        ScoringContext(model=graph.model, groups=graph.groups, calib=calib, batch_size=4)
+    )
+    assert all(0 < r <= 1 for r in ratios.values()) and len(ratios) == len([g for g in graph.groups if g.prunable])

@@ -1,0 +1,222 @@
+"""Recovery methods on a tiny hand-pruned Conv-BN-ReLU network (no ../shared data needed)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.groups import ChannelGroup, GroupMember
+from compressor.recovery import RecoveryContext, get_recovery, list_recoveries
+from compressor.recovery.bn import reestimate_bn
+from compressor.recovery.recipe import DATA_FREE_RECIPE, DEFAULT_RECIPE, run_recipe
+
+# ---------------------------------------------------------------- a tiny net and a hand pruner
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    """Smooth random images (low-frequency noise upsampled), so channels are correlated as in real data."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=(16, 16), mode="bilinear", align_corners=False)
+
+
+def tiny_groups() -> list[ChannelGroup]:
+    spec = [("features.0", "features.1", "features.3", 16), ("features.3", "features.4", "features.6", 32),
+            ("features.6", "features.7", "fc", 32)]
+    groups = []
+    for gid, (conv, bn, consumer, size) in enumerate(spec):
+        idx = tuple(range(size))
+        groups.append(ChannelGroup(gid, conv, size, [GroupMember(conv, "out", idx), GroupMember(bn, "out", idx),
+                                                     GroupMember(consumer, "in", idx)]))
+    groups.append(ChannelGroup(3, "fc", 10, [GroupMember("fc", "out", tuple(range(10)))], prunable=False,
+                               reason="classifier output"))
+    return groups
+
+
+def hand_prune(model: nn.Module, groups: list[ChannelGroup], plan: dict[int, torch.Tensor]):
+    """Physically prune a copy of ``model`` (plain convs, BNs, linears); return (copy, kept record)."""
+    pruned = copy.deepcopy(model)
+    kept: dict[str, dict[str, list[int]]] = {}
+    for g in groups:
+        if g.id not in plan:
+            continue
+        keep = plan[g.id].tolist()
+        for m in g.members:
+            idx = [m.indices[c] for c in keep]
+            t = torch.as_tensor(idx)
+            mod = pruned.get_submodule(m.module)
+            kept.setdefault(m.module, {})[m.kind] = idx
+            with torch.no_grad():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.weight = nn.Parameter(mod.weight[t].clone())
+                    mod.bias = nn.Parameter(mod.bias[t].clone())
+                    mod.running_mean = mod.running_mean[t].clone()
+                    mod.running_var = mod.running_var[t].clone()
+                    mod.num_features = len(idx)
+                elif m.kind == "out":
+                    mod.weight = nn.Parameter(mod.weight[t].clone())
+                    if mod.bias is not None:
+                        mod.bias = nn.Parameter(mod.bias[t].clone())
+                    if isinstance(mod, nn.Conv2d):
+                        mod.out_channels = len(idx)
+                    else:
+                        mod.out_features = len(idx)
+                else:
+                    mod.weight = nn.Parameter(mod.weight[:, t].clone())
+                    if isinstance(mod, nn.Conv2d):
+                        mod.in_channels = len(idx)
+                    else:
+                        mod.in_features = len(idx)
+    return pruned.eval(), kept
+
+
+def make_case(keep_fraction: float = 0.5, seed: int = 0, calib_n: int = 256):
+    torch.manual_seed(seed)
+    model = Tiny()
+    reestimate_bn(model, images(512, seed + 100), 128, "cpu")  # realistic BN statistics for this data
+    for m in model.modules():  # non-trivial BN affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    groups = tiny_groups()
+    # keep the channels with the largest L1 norm, as the l1 criterion would
+    plan = {}
+    for g in groups[:3]:
+        conv = model.get_submodule(g.root)
+        score = conv.weight.detach().abs().flatten(1).sum(1)
+        plan[g.id] = torch.sort(torch.argsort(score, descending=True)[: int(g.size * keep_fraction)]).values
+    pruned, kept = hand_prune(model, groups, plan)
+    ctx = RecoveryContext(original=model, pruned=pruned, groups=groups, plan=plan, kept=kept,
+                          calib=images(calib_n, seed + 1), batch_size=64)
+    return ctx
+
+
+@torch.no_grad()
+def distortion(original: nn.Module, pruned: nn.Module, x: torch.Tensor) -> float:
+    return float(F.mse_loss(pruned(x), original(x)))
+
+
+HELD_OUT = images(256, 999)
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("name", list_recoveries())
+def test_method_runs_keeps_shapes_and_reduces_distortion(name):
+    ctx = make_case()
+    original_state = {k: v.clone() for k, v in ctx.original.state_dict().items()}
+    shapes = {k: v.shape for k, v in ctx.pruned.state_dict().items()}
+    before = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    method = get_recovery(name)
+    method.apply(ctx if method.needs_data else dataclasses.replace(ctx, calib=None))
+    after_shapes = {k: v.shape for k, v in ctx.pruned.state_dict().items()}
+    for k, shape in shapes.items():
+        assert after_shapes[k] == shape, k
+    assert ctx.pruned(HELD_OUT[:4]).shape == (4, 10)
+    assert not ctx.pruned.training
+    for k, v in ctx.original.state_dict().items():  # the original is never modified
+        assert torch.equal(v, original_state[k]), k
+    after = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    assert after == after  # finite
+    if name in ("bn", "bias", "lsq"):
+        assert after < before, (name, before, after)
+    else:  # data-free merging may find nothing to merge in random weights, but must not blow up
+        assert after < before * 1.5, (name, before, after)
+
+
+@pytest.mark.parametrize("name", list_recoveries())
+def test_methods_needing_data_refuse_without_it(name):
+    ctx = dataclasses.replace(make_case(), calib=None)
+    method = get_recovery(name)
+    if method.needs_data:
+        with pytest.raises(CompressorError, match="calibration"):
+            method.apply(ctx)
+        with pytest.raises(CompressorError):
+            run_recipe([name], ctx)
+    else:
+        method.apply(ctx)
+
+
+def test_lsq_reduces_distortion_a_lot_and_uses_no_labels():
+    ctx = make_case(keep_fraction=0.5)
+    before = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    get_recovery("lsq").apply(ctx)
+    after = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_datafree_merges_an_exact_duplicate_channel_exactly():
+    torch.manual_seed(0)
+    model = Tiny()
+    reestimate_bn(model, images(256, 5), 128, "cpu")
+    conv, bn = model.features[3], model.features[4]
+    with torch.no_grad():  # channel 1 == 2 x channel 0 after BN + ReLU
+        conv.weight[1] = conv.weight[0]
+        bn.running_mean[1], bn.running_var[1] = bn.running_mean[0], bn.running_var[0]
+        bn.weight[1], bn.bias[1] = 2 * bn.weight[0], 2 * bn.bias[0]
+    groups = tiny_groups()
+    plan = {1: torch.tensor([0] + list(range(2, 32)))}
+    pruned, kept = hand_prune(model.eval(), groups, plan)
+    ctx = RecoveryContext(original=model, pruned=pruned, groups=groups, plan=plan, kept=kept, calib=None)
+    x = images(32, 7)
+    assert distortion(model, pruned, x) > 1e-6
+    get_recovery("datafree").apply(ctx)
+    assert distortion(model, pruned, x) < 1e-9
+
+
+def test_grouped_and_depthwise_convs_are_refit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.ReLU(), nn.Conv2d(16, 8, 1, groups=2), nn.Flatten(), nn.Linear(8 * 256, 4)).eval()
+    groups = [ChannelGroup(0, "0", 16, [GroupMember("0", "out", tuple(range(16)))])]
+    plan = {0: torch.arange(0, 16, 2)}
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():  # zero the removed producer channels instead of removing them (shapes unchanged)
+        pruned[0].weight[1::2] = 0
+        pruned[0].bias[1::2] = 0
+    kept = {"2": {"in": list(range(16))}}  # pretend the dw conv consumes changed inputs
+    calib = images(128, 3)
+    ctx = RecoveryContext(original=model, pruned=pruned, groups=groups, plan=plan, kept=kept, calib=calib)
+    held = images(64, 4)
+    before = distortion(model, pruned, held)
+    get_recovery("lsq").apply(ctx)
+    assert pruned[2].weight.shape == (16, 1, 3, 3) and pruned[4].weight.shape == (8, 8, 1, 1)
+    assert distortion(model, pruned, held) < before
+
+
+def test_recipe_reports_steps_and_fidelity():
+    ctx = make_case(calib_n=512)
+    info = run_recipe(list(DEFAULT_RECIPE), ctx)
+    assert [s["name"] for s in info["steps"]] == list(DEFAULT_RECIPE)
+    fid = info["fidelity"]
+    assert fid["held_out"] and fid["images"] == 64
+    assert fid["after"]["kl"] < fid["before"]["kl"]
+    assert 0.0 <= fid["after"]["top1_agreement"] <= 1.0
+    free = run_recipe(list(DATA_FREE_RECIPE), dataclasses.replace(make_case(), calib=None))
+    assert "fidelity" not in free and free["steps"][0]["name"] == "datafree"
+
+
+def test_recipe_rejects_unknown_names():
+    with pytest.raises(CompressorError, match="unknown recovery method"):
+        run_recipe(["nope"], make_case())
