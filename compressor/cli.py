@@ -60,8 +60,8 @@ def _criteria_choices() -> str:
 
 @app.command("compress")
 def compress_command(
-    model: str = typer.Argument(..., metavar="MODEL", help="torchvision:NAME, path/file.py:CALLABLE, or model.pt (pickled nn.Module; "
-                                "needs --trust-pickle)."),
+    model: str = typer.Argument(..., metavar="MODEL", help="torchvision:NAME, path/file.py:CALLABLE, or model.pt "
+                                "(pickled nn.Module; needs --trust-pickle)."),
     budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
     out: Path = typer.Option(Path("runs/compressed"), "--out", "-o", help="Output folder (written atomically)."),
     weights: Path | None = typer.Option(None, help="state_dict for MODEL (loaded with weights_only=True; "

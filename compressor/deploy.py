@@ -74,14 +74,23 @@ def search(config: CompressConfig, budget: Budget, target: Target, graph, scores
     for c in candidates:
         c["original_ms"] = original_ms
         c["target_ms"] = target_ms
+    chosen = next(c for c in candidates if c.get("chosen"))
+    stages.note(f"chosen candidate: {chosen['flops_ratio']:.0%} FLOPs, {chosen['latency_ms']:.3f} ms measured")
     return counts, candidates
+
+
+def primary_backend(target: Target) -> str:
+    """The backend whose latency the budget and the report's ``latency`` refer to."""
+    return "onnxruntime" if target.torch_device == "cpu" else "torch"
 
 
 def _latency_timer(config: CompressConfig, target: Target, example: torch.Tensor):
     from export.latency import measure
 
+    backend = primary_backend(target)
+
     def timer(model: nn.Module) -> float:
-        result = measure(model, example, device=target.torch_device, backend="torch", fp16=config.fp16,
+        result = measure(model, example, device=target.torch_device, backend=backend, fp16=config.fp16,
                          warmup=config.warmup, iters=config.iters)
         return result.p50
 
@@ -130,7 +139,7 @@ def latency(config: CompressConfig, target: Target, original: nn.Module, pruned:
                             "batch_size": config.batch_size, "original_ms": flat,
                             "pruned_ms": {"p50": p_ms, "p90": p_ms, "p99": p_ms}, "speedup": o_ms / p_ms}}
     runs = []
-    backends = ["onnxruntime", "torch"] if target.torch_device == "cpu" else ["torch"]
+    backends = [primary_backend(target)] + (["torch"] if target.torch_device == "cpu" else [])
     for backend in backends:
         result = compare_latency(original, pruned, batch, device=target.torch_device, backend=backend,
                                  fp16=config.fp16, warmup=config.warmup, iters=config.iters, workdir=folder)

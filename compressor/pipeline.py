@@ -243,7 +243,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
             latency_info = deploy.latency(config, target, original, recovered, example, tmp, input_shape)
     report = Report({
         "model": config.model,
-        "budget": {"kind": budget.kind, "target": budget.target, "text": budget.text},
+        "budget": budget_report(budget, macs1 / macs0, candidates),
         "criterion": criterion.name,
         "allocation": config.allocation or "global",
         "recovery": list(recipe),
@@ -272,6 +272,16 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     report.write(tmp)
     del output
     return report
+
+
+def budget_report(budget: budget_mod.Budget, flops_ratio: float, candidates: list[dict]) -> dict:
+    """The ``budget`` block: what was asked and what was achieved (measured, for latency budgets)."""
+    block = {"kind": budget.kind, "target": budget.target, "text": budget.text, "achieved_flops_ratio": flops_ratio}
+    chosen = [c for c in candidates if c.get("chosen")]
+    if chosen:
+        block.update(target_ms=chosen[0]["target_ms"], achieved_ms=chosen[0]["latency_ms"],
+                     original_ms=chosen[0]["original_ms"])
+    return block
 
 
 def save_pytorch(model: nn.Module, example: torch.Tensor, folder: Path) -> str:

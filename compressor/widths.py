@@ -107,12 +107,13 @@ def latency_widths(
             f"latency budget unreachable: even at 5% of the FLOPs the model takes {ms:.3f} ms > {target_ms:.3f} ms "
             "(the network is launch-bound here); relax the budget"
         )
-    best, lo = counts, 0.05
+    best, best_index, lo = counts, 0, 0.05
     for _ in range(LATENCY_STEPS):
         mid = (lo + hi) / 2
         counts, ms = trial(mid)
         if ms <= target_ms:
-            best, lo = counts, mid
+            best, best_index, lo = counts, len(candidates) - 1, mid
         else:
             hi = mid
+    candidates[best_index]["chosen"] = True
     return best, candidates

@@ -169,3 +169,17 @@ def test_end_to_end_small_network(workspace):
     # a second run into the same folder is refused without --force and replaces it with --force
     assert invoke(*base_args(workspace, out)).exit_code == 1
     assert invoke(*base_args(workspace, out), "--force").exit_code == 0
+
+
+def test_latency_budget_on_cpu_is_met(workspace):
+    import json
+
+    out = workspace / "lat"
+    args = base_args(workspace, out)
+    args[2] = "1.3x"
+    result = invoke(*args, "--iters", "20", "--input-shape", "3x48x48")
+    assert result.exit_code == 0, result.output
+    budget = json.loads((out / "report.json").read_text())["budget"]
+    assert budget["kind"] == "speedup"
+    assert budget["achieved_ms"] <= budget["target_ms"] == pytest.approx(budget["original_ms"] / 1.3)
+    assert budget["achieved_flops_ratio"] < 1.0
