@@ -163,12 +163,34 @@ def _fill_greedily(prunable, sorted_desc, counts, target_macs, estimate_macs) ->
     return counts
 
 
-def plan_from_counts(groups: list[ChannelGroup], scores: Scores, counts: dict[int, int]) -> Plan:
-    """Keep the ``counts[g]`` highest-scoring channels of each group (sorted indices)."""
+def plan_from_counts(
+    groups: list[ChannelGroup],
+    scores: Scores,
+    counts: dict[int, int],
+    partitions: dict[int, torch.Tensor] | None = None,
+) -> Plan:
+    """Keep the ``counts[g]`` highest-scoring channels of each group (sorted indices).
+
+    ``partitions[g]`` (for groups tied to grouped convolutions) gives each channel's
+    convolution group; then every convolution group keeps the same number of channels, its
+    own highest-scoring ones, so the pruned convolution stays valid.
+    """
     plan: Plan = {}
     for g in groups:
         if not g.prunable or g.id not in counts or counts[g.id] >= g.size:
             continue
-        order = torch.argsort(scores[g.id].double(), descending=True, stable=True)
-        plan[g.id] = torch.sort(order[: counts[g.id]]).values
+        score = scores[g.id].double()
+        part = (partitions or {}).get(g.id)
+        if part is None:
+            order = torch.argsort(score, descending=True, stable=True)
+            plan[g.id] = torch.sort(order[: counts[g.id]]).values
+            continue
+        n_parts = int(part.max()) + 1
+        quota = -(-counts[g.id] // n_parts)
+        kept = []
+        for b in range(n_parts):
+            members = torch.nonzero(part == b).flatten()
+            order = torch.argsort(score[members], descending=True, stable=True)
+            kept.append(members[order[:quota]])
+        plan[g.id] = torch.sort(torch.cat(kept)).values
     return plan

@@ -4,18 +4,31 @@ How the groups are found
 ------------------------
 1. ``_rewrite_channel_pads``: the model is fx-traced; every ``F.pad`` that zero-pads the
    channel dimension becomes an owned :class:`~compressor.channel_ops.ChannelScatter`
-   module (an index map). The rewritten GraphModule keeps the user's module names. When
-   there is nothing to rewrite (or tracing fails) the user's model is used as it is.
+   module (an index map). The rewritten model (the fx code in a plain ``nn.Module``, so that
+   the TorchScript ONNX exporter accepts it) keeps the user's module names. When there is
+   nothing to rewrite (or tracing fails) the user's model is used as it is.
 2. torch-pruning's ``DependencyGraph`` is built on that model (ChannelScatter registered as
-   a customized layer whose input and output channels are *independent*), and every group
-   rooted at a convolution or linear layer is converted into a :class:`ChannelGroup`.
-3. Trust checks: every op torch-pruning put into a group is inspected. Ops it handled as
-   element-wise must be in an allow-list of truly channel-wise ops; concatenations, splits,
-   slices and permutes must act on the channel dimension as torch-pruning assumes; reshapes
-   are accepted only as the flatten in front of a Linear; grouped (non-depthwise)
-   convolutions, GroupNorm and multi-dimensional LayerNorm are not pruned. A group touching
-   anything else is left whole with a reason naming the op. ``build_graph(verify=True)``
-   additionally prunes a random plan and checks it against the masked model.
+   a customized layer whose input and output channels are *independent*). Two repairs
+   between tracing and linking: ops recorded *inside* a Linear/LayerNorm (view-addmm-view
+   of a Linear on 4-D input, LayerNorm2d's permutes) are collapsed into the module, and every
+   op that fails the trust check below is replaced by a barrier that couples nothing.
+   Every group rooted at a convolution or linear layer becomes a :class:`ChannelGroup`.
+3. Trust checks: ops torch-pruning handles as element-wise must be in an allow-list of
+   channel-wise ops (``CHANNELWISE_OPS``; permutes only NCHW<->NHWC, reductions/as_strided
+   only over spatial dims, constant pads only spatial); concatenations, splits and slices
+   must act on the channel dimension with inferred offsets; reshapes are accepted only as the
+   flatten in front of a Linear (channel shuffles are not); broadcasts across channels,
+   partial (split) mappings, transposed convolutions, GroupNorm and multi-dimensional
+   LayerNorm are refused; the model's output channels are never pruned. A group touching
+   anything refused is left whole, with a reason naming the op. ``build_graph(verify=True)``
+   additionally prunes a random plan and checks it against the masked model (probing each
+   group alone when the whole plan fails).
+4. Grouped (non-depthwise) convolutions: the groups on either side get ``multiple =
+   lcm(round_to, conv groups)`` and ``min_channels >= conv groups``; the kept count must be
+   the same in every convolution group (``conv_groups`` gives each channel's convolution
+   group; ``normalize_plan`` rebalances plans that ignore it, and ``apply_plan``,
+   ``mask_model`` and ``soundness_diff`` all apply the normalized plan). torch-pruning slices
+   grouped weights as if dense, so ``apply_plan`` rebuilds them from the original weights.
 
 Member index maps
 -----------------
@@ -127,10 +140,13 @@ class PrunedModel:
         model: Deep copy of ``graph.model`` with channels removed; module names unchanged.
         kept: module name -> {"in": kept input indices, "out": kept output indices} in the
             original module's index space; only dimensions that changed are listed.
+        plan: The plan actually applied (``normalize_plan`` of the requested one: differs only
+            for groups tied to grouped convolutions whose request was unbalanced).
     """
 
     model: nn.Module
     kept: dict[str, dict[str, list[int]]]
+    plan: Plan | None = None
 
 
 # --------------------------------------------------------------------------- preparation
@@ -221,16 +237,38 @@ def _rewrite_channel_pads(model: nn.Module, example_input: torch.Tensor) -> nn.M
     return plain
 
 
+class _Rewritten(nn.Module):
+    """Base of the rewritten models: pickles through an fx GraphModule (its class is made at
+    run time), deep-copies like any module."""
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def __reduce__(self):
+        import torch.fx as fx
+
+        gm = fx.GraphModule(self, copy.deepcopy(self._fx_graph), class_name=type(self).__name__)
+        return _restore_rewritten, (gm, type(self).__name__, self.training)
+
+
+def _restore_rewritten(gm: nn.Module, class_name: str, training: bool) -> nn.Module:
+    return _plain_module(gm, class_name).train(training)
+
+
 def _plain_module(gm: nn.Module, class_name: str) -> nn.Module:
     """The GraphModule's code and children in a plain ``nn.Module`` (same module names).
 
     A GraphModule has a ``.graph`` attribute, which the TorchScript ONNX exporter mistakes for
     a ScriptModule's graph (``dynamic_axes`` then fails); the plain module exports normally.
     """
-    cls = type(class_name, (nn.Module,), {"forward": type(gm).forward, "__module__": __name__,
-                                          "__doc__": "fx-rewritten copy of the user's model"})
+    cls = type(class_name, (_Rewritten,), {"forward": type(gm).forward, "__module__": __name__,
+                                           "__doc__": "fx-rewritten copy of the user's model"})
     plain = cls.__new__(cls)
     nn.Module.__init__(plain)
+    plain._fx_graph = gm.graph
     for name, child in gm.named_children():
         plain.add_module(name, child)
     for name, p in gm.named_parameters(recurse=False):
@@ -647,6 +685,8 @@ def build_graph(
             dim = _dim_size(obj, kind, dg.module2node[obj].pruning_dim if is_param[key] else None)
             if dim is not None:
                 graph._dims[key] = dim
+                if max(flat) >= dim:
+                    problems.append(f"channel indices beyond the {dim} {kind} channels of {name} (broadcast?)")
         gid = len(graph.groups)
         members = [
             GroupMember(link.module, link.kind, tuple(t[0] for t in link.indices))
@@ -845,7 +885,7 @@ def apply_plan(graph: ChannelGraph, plan: Plan) -> PrunedModel:
     _check_kept(model, kept)
     for p in model.parameters():
         p.requires_grad_(False)
-    return PrunedModel(model=model.eval(), kept=kept)
+    return PrunedModel(model=model.eval(), kept=kept, plan=normalize_plan(graph, plan))
 
 
 def _rebuild_grouped(model: nn.Module, snapshots: dict, kept: dict[str, dict[str, list[int]]]) -> None:
@@ -957,6 +997,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     if isinstance(out, (tuple, list)):
@@ -968,7 +1016,9 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def soundness_diff(graph: ChannelGraph, plan: Plan, pruned: nn.Module, inputs: torch.Tensor) -> float:
     """Max |pruned(x) - masked_original(x)| over ``inputs``."""
-    masked = mask_model(graph, plan)
+    device = _device_of(pruned)
+    masked = mask_model(graph, plan).to(device)
+    inputs = inputs.to(device)
     was_training = pruned.training
     pruned.eval()
     try:
@@ -1029,7 +1079,7 @@ def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[in
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input[:1])
+            model(example_input[:1].to(_device_of(model)))
     finally:
         for h in hooks:
             h.remove()

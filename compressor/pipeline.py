@@ -16,6 +16,7 @@ from torch import nn
 
 from compressor import budget as budget_mod
 from compressor import graph as graph_mod
+from compressor import widths
 from compressor.config import DEFAULT_CALIB_SIZE, DEFAULT_CRITERION, CompressConfig
 from compressor.criteria import ScoringContext, get_criterion
 from compressor.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_images
@@ -190,9 +191,10 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         scores = criterion.score(ctx)
     with stages.stage("search", f"searching widths for {budget.text}"):
         counts, candidates = deploy.search(config, budget, target, graph, scores, criterion, ctx, calib, stages)
-    plan = budget_mod.plan_from_counts(graph.groups, scores, counts)
+    plan = widths.make_plan(graph, scores, counts)
     with stages.stage("prune", "removing channels"):
         pruned = graph_mod.apply_plan(graph, plan)
+        plan = pruned.plan
         macs1, params1 = graph_mod.count_macs_params(pruned.model, example)
     if budget.kind == "flops" and macs1 > budget.target * macs0 * (1 + 1e-9):
         raise BudgetError(f"the pruned model keeps {macs1 / macs0:.1%} of the FLOPs, above the budget {budget.text}")

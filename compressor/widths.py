@@ -14,6 +14,16 @@ MAX_VERIFY_ROUNDS = 5
 LATENCY_STEPS = 7
 
 
+def make_plan(graph: graph_mod.ChannelGraph, scores: dict[int, torch.Tensor], counts: dict[int, int]):
+    """The plan keeping the best channels per group, balanced across grouped-convolution groups."""
+    partitions = {}
+    for g in graph.groups:
+        part = graph_mod.conv_groups(graph, g.id) if g.prunable else None
+        if part is not None:
+            partitions[g.id] = part
+    return budget_mod.plan_from_counts(graph.groups, scores, counts, partitions)
+
+
 def flops_widths(
     allocation: str,
     graph: graph_mod.ChannelGraph,
@@ -40,7 +50,7 @@ def flops_widths(
         counts = _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, calib)
         if not verify:
             return counts
-        plan = budget_mod.plan_from_counts(graph.groups, scores, counts)
+        plan = make_plan(graph, scores, counts)
         exact, _ = graph_mod.count_macs_params(graph_mod.apply_plan(graph, plan).model, graph.example_input)
         if exact <= ratio * exact_full:
             return counts
@@ -91,7 +101,7 @@ def latency_widths(
 
     def trial(ratio: float) -> tuple[dict[int, int], float]:
         counts = flops_widths(allocation, graph, scores, ratio, verify=False, **kwargs)
-        plan = budget_mod.plan_from_counts(graph.groups, scores, counts)
+        plan = make_plan(graph, scores, counts)
         pruned = graph_mod.apply_plan(graph, plan).model
         ms = measure_ms(pruned)
         macs, _ = graph_mod.count_macs_params(pruned, graph.example_input)

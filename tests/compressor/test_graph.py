@@ -130,6 +130,24 @@ def test_cifar_onnx_and_torch_export(cifar):
         assert torch.allclose(program.module()(x), pruned(x), atol=1e-5)
 
 
+def test_rewritten_model_pickles_and_copies(cifar):
+    import copy
+
+    _, graph = cifar
+    pruned = G.apply_plan(graph, G.random_plan(graph, 0.5, seed=5)).model
+    x = torch.randn(2, 3, 32, 32)
+    for model in (graph.model, pruned):
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+            assert torch.equal(copy.deepcopy(loaded)(x), model(x))
+        assert type(loaded).__name__ == "CifarResNet"
+        assert {n for n, _ in loaded.named_modules()} == {n for n, _ in model.named_modules()}
+
+
 def test_wrong_pad_mapping_is_caught():
     """Trusting torch-pruning through the channel padding (no rewrite, no op checks) must fail
     loudly: either the pruned model breaks or the soundness check shows a large difference."""
@@ -260,6 +278,7 @@ def test_grouped_convs_keep_valid_groups():
     conv = pruned.model.gconv
     assert conv.groups == 4 and conv.in_channels == 12 and conv.out_channels == 24
     assert pruned.kept["gconv"]["in"] == applied[g_in.id].tolist()
+    assert pruned.plan[g_in.id].tolist() == applied[g_in.id].tolist()
     x = torch.randn(2, 3, 16, 16)
     assert G.soundness_diff(graph, plan, pruned.model, x) < 1e-5
     assert onnx_diff(pruned.model, x) < 1e-5
@@ -391,3 +410,28 @@ def test_kept_records_depthwise_and_parameters():
     assert pruned.model.get_parameter("features.1.0.layer_scale").shape[0] == len(kept)
     kinds = {(m.module, m.kind) for m in stem.members}
     assert ("features.1.0.block.3", "in") in kinds and ("features.1.0.block.5", "out") in kinds
+
+
+def test_channel_broadcast_is_not_trusted():
+    """x * sigmoid(conv_1ch(x)) broadcasts one channel over all: torch-pruning couples them as if
+    element-wise; the group must be left whole instead of pruning the 1-channel conv."""
+
+    class SpatialAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.att = nn.Conv2d(8, 1, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            x = x * torch.sigmoid(self.att(x))
+            return self.c(torch.relu(self.b(x)))
+
+    graph = G.build_graph(SpatialAttention().eval(), torch.randn(1, 3, 6, 6))
+    assert not group_of(graph, "a").prunable and "broadcast" in group_of(graph, "a").reason
+    assert group_of(graph, "b").prunable
+    plan = G.random_plan(graph, 0.5)
+    pruned = G.apply_plan(graph, plan)
+    assert G.soundness_diff(graph, plan, pruned.model, torch.randn(2, 3, 6, 6)) < 1e-5
