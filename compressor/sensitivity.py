@@ -27,11 +27,14 @@ from compressor import budget as budget_mod
 from compressor import graph as graph_mod
 from compressor.errors import BudgetError
 from compressor.recovery.common import LAYER_TYPES
-from compressor.recovery.lsq import _at, _fit, _positions, _run_node
+from compressor.recovery.lsq import _at, _conv_patches, _positions, _run_node
 
-PROBE_IMAGES = 32
-PROBE_RATIOS = (0.75, 0.5, 0.25)
+PROBE_IMAGES = 16
+PROBE_RATIOS = (0.6, 0.3)
 PROBE_SAMPLES = 2048  # sampled output positions per least-squares fit in a probe
+MAX_REFIT_CONSUMERS = 4  # groups feeding more layers (residual streams) are probed without the refit
+FIT_IMAGES = 64  # images (disjoint from the probe images) whose statistics the probe refits use
+MAX_GRAM_DIM = 2048
 
 
 def _distortion(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -44,9 +47,11 @@ def _distortion(ref: torch.Tensor, out: torch.Tensor) -> float:
 class _Prober:
     """Runs pruned variants of ``graph.model`` on a probe batch, reusing the original's activations."""
 
-    def __init__(self, graph: graph_mod.ChannelGraph, probe: torch.Tensor, device: str) -> None:
+    def __init__(self, graph: graph_mod.ChannelGraph, probe: torch.Tensor, device: str,
+                 fit: torch.Tensor | None = None) -> None:
         self.graph = graph
         self.probe = probe.to(device)
+        self.grams = _consumer_grams(graph, fit, device) if fit is not None and len(fit) else {}
         self.gm: fx.GraphModule | None
         try:
             self.gm = fx.symbolic_trace(graph.model)
@@ -96,7 +101,7 @@ class _Prober:
             dirty.add(node)
             if node.op == "output":
                 return fx.node.map_arg(node.args[0], lambda a: env[a])
-            if node.op == "call_module" and refit:
+            if node.op == "call_module" and refit and len(self._consumers(kept)) <= MAX_REFIT_CONSUMERS:
                 module = model.get_submodule(node.target)
                 if isinstance(module, LAYER_TYPES) and "in" in kept.get(node.target, {}):
                     self._refit(module, node, env, kept, gen)
@@ -107,15 +112,70 @@ class _Prober:
             env[node] = _run_node(root, node, env, self.probe)
         return None
 
+    @staticmethod
+    def _consumers(kept: dict) -> list[str]:
+        return [n for n, rec in kept.items() if "in" in rec]
+
     def _refit(self, module, node, env, kept, gen) -> None:
-        y = self.cache[node]
-        n, hw, out_w = _positions(y, module, gen, 1, PROBE_SAMPLES, PROBE_SAMPLES)
-        target = _at(y, module, n, hw)
-        out_idx = kept.get(node.target, {}).get("out")
-        if out_idx:
-            target = target[:, torch.as_tensor(out_idx, dtype=torch.long, device=target.device)]
-        x = fx.node.map_arg(node.args, lambda a: env[a])[0]
-        _fit(module, x, n, hw, out_w, target, fit_bias=True)
+        """Least squares on the *fit* images (never the probe images, which would flatter the refit):
+        the consumer's Gram matrix of the original inputs, restricted to the kept input channels."""
+        del env, gen
+        rec = kept.get(node.target, {})
+        if node.target not in self.grams or "out" in rec:
+            return
+        g, b, k2 = self.grams[node.target]
+        cols = torch.as_tensor([c * k2 + j for c in rec["in"] for j in range(k2)] + [g.shape[0] - 1])
+        gk, bk = g[cols][:, cols], b[cols]
+        lam = 1e-2 * torch.diagonal(gk).sum() / len(cols)
+        w = torch.linalg.solve(gk + lam * torch.eye(len(cols), dtype=gk.dtype), bk)  # D x Cout
+        with torch.no_grad():
+            module.weight.copy_(w[:-1].t().reshape(module.weight.shape).to(module.weight))
+            bias = w[-1].to(module.weight)
+            if module.bias is None:
+                module.bias = nn.Parameter(bias)
+            else:
+                module.bias.copy_(bias)
+
+
+def _consumer_grams(graph: graph_mod.ChannelGraph, fit: torch.Tensor, device: str) -> dict[str, tuple]:
+    """For each non-grouped conv / linear that consumes a prunable group: (G, B, kernel area) of its original
+    input patches (+ a ones column) and outputs on ``fit``, so a probe's refit is a restricted solve."""
+    names = {m.module for g in graph.groups if g.prunable for m in g.consumers()}
+    model = graph.model
+    gen = torch.Generator().manual_seed(1)
+    grams: dict[str, tuple] = {}
+    handles = []
+
+    def hook(name):
+        def fn(module, inputs, out):
+            x = inputs[0].detach()
+            n, hw, out_w = _positions(out, module, gen, 1, PROBE_SAMPLES, PROBE_SAMPLES)
+            if isinstance(module, nn.Linear):
+                if x.dim() != 2:
+                    return
+                feats, k2 = x[n], 1
+            else:
+                feats = _conv_patches(module, x, n, hw, out_w)[:, 0]
+                k2 = module.weight[0, 0].numel()
+            feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1).double()
+            y = _at(out.detach(), module, n, hw).double()
+            grams[name] = ((feats.T @ feats).cpu(), (feats.T @ y).cpu(), k2)
+
+        return fn
+
+    for name in names:
+        module = model.get_submodule(name) if name else None
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            d = module.weight[0].numel() + 1
+            if d <= MAX_GRAM_DIM:
+                handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(fit.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
 
 
 class _Root:
@@ -158,8 +218,11 @@ def _interp(points: list[tuple[int, float]], count: int) -> float:
             if c_hi == c_lo:
                 return d_lo
             return d_lo + (d_hi - d_lo) * (count - c_lo) / (c_hi - c_lo)
+    # below the narrowest probe: extrapolate with the steeper of the last segment's slope and the
+    # average slope from full width (unmeasured territory is never assumed to be free)
     (c_hi, d_hi), (c_lo, d_lo) = points[-2], points[-1]
-    slope = (d_lo - d_hi) / max(1, c_hi - c_lo)
+    c_full = points[0][0]
+    slope = max((d_lo - d_hi) / max(1, c_hi - c_lo), d_lo / max(1, c_full - c_lo))
     return d_lo + slope * (c_lo - count)
 
 
@@ -177,7 +240,12 @@ def probe_sensitivity(
     """Measured (kept count, distortion) points per prunable group, counts descending, starting at full width."""
     n = len(calib)
     idx = torch.linspace(0, n - 1, min(n, probe_images)).round().long().unique()  # strided: data may be sorted
-    prober = _Prober(graph, calib[idx], device)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[idx] = False
+    others = torch.nonzero(rest).flatten()
+    fit = calib[others[torch.linspace(0, len(others) - 1, min(len(others), FIT_IMAGES)).round().long()]] if len(
+        others) else None
+    prober = _Prober(graph, calib[idx], device, fit if refit else None)
     curves: dict[int, list[tuple[int, float]]] = {}
     prunable = [g for g in graph.groups if g.prunable]
     for i, g in enumerate(prunable):

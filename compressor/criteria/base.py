@@ -47,6 +47,20 @@ class Criterion(ABC):
     ``name`` (registry key), ``description`` (one line), ``paper`` (citation),
     ``needs_data`` (calibration images), ``needs_labels`` (true labels, never required by
     the label-free members), ``needs_gradients``.
+
+    Conventions every member follows (checked by tests/compressor/criteria):
+
+    * one module per criterion in ``compressor/criteria/``, registered with ``@register``;
+    * all producer members of a group are scored (coupled residual groups combine their
+      members); only the relative order within a group and the spread of scores matter, since
+      the width search divides each group's scores by their mean before ranking globally;
+    * passes run on a frozen deep copy of ``ctx.model`` (``_common.working_copy``) or with hooks
+      removed afterwards: no hooks, ``.grad``, ``requires_grad`` or mode changes are left behind;
+    * data-driven criteria raise ``CompressorError`` ("needs calibration data") without
+      ``ctx.calib``; results are deterministic given ``ctx.seed``.
+
+    Shared helpers (activation taps on producer outputs, filter weights in group order,
+    finalizing scores) live in ``compressor/criteria/_common.py``.
     """
 
     name: str = ""

@@ -17,7 +17,7 @@ from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
 from compressor.recovery.common import BN_TYPES, LAYER_TYPES, module_or_none
 
-COSINE_THRESHOLD = 0.3
+COSINE_THRESHOLD = 0.5  # measured on ResNet-56 (0.3 hurt, 0.8 merges almost nothing)
 
 
 def _bn_after(model: nn.Module) -> dict[str, str]:

@@ -2,11 +2,16 @@
 
 Layer by layer in execution order, the input a layer receives in the pruned (and already
 corrected) network is regressed onto the output the same layer produces in the original
-network (kept output channels, before any BatchNorm). Everything runs in two forward passes
-over the calibration images taken as one batch: one through the original (storing the target
-outputs at sampled positions) and one through the pruned network whose forward pre-hooks
-solve and replace each layer's weights *before* the layer runs, so downstream layers see the
-corrected activations and errors do not accumulate.
+network (kept output channels, mapped through the following BatchNorm so that both BNs give
+the same output). The calibration images run as one batch (as many as fit in memory), so a
+layer is refit before anything downstream of it runs and errors do not accumulate:
+
+* fx path (traceable models): both graphs are executed node by node in lock-step. When a
+  layer feeds (through its BN) an addition, the other operand (the shortcut) is computed
+  first and its error is added to the layer's target, so residual streams are repaired too.
+* hook path (otherwise): one pass through the original stores the targets at sampled
+  positions, then one pass through the pruned model whose forward pre-hooks solve and replace
+  each layer's weights before it runs.
 
 The solve is ridge regression in Gram form, ``W = (G + lam I)^-1 (B + lam W_old)`` with
 ``G = X^T X`` (D x D, D = kept input channels x kernel area / groups, +1 for the bias) and
@@ -36,6 +41,8 @@ from compressor.recovery.common import (
 )
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+EIGH_MAX_DIM = 1200  # above this many unknowns per group: one fixed-ridge solve
+LARGE_ALPHA = 0.1
 HOLDOUT_EVERY = 5  # every 5th sampled position is held out to choose the ridge and accept the solve
 
 
@@ -62,30 +69,33 @@ def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, n: torch.Tensor, hw: torch.T
     return patches.reshape(s, conv.groups, (cin // conv.groups) * k)
 
 
-def _solve(x: torch.Tensor, y: torch.Tensor, w_old: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+def _solve(
+    x: torch.Tensor, y: torch.Tensor, w_old: torch.Tensor, fast: bool = False
+) -> tuple[torch.Tensor | None, dict]:
     """Ridge solves for (g x S x D) inputs, (g x S x C) targets; None when the old weights are best.
 
-    Returns the new (g x D x C) weights (or None) and diagnostics.
+    The ridge ``lam = alpha * trace(G) / D`` shrinks toward ``w_old``; ``alpha`` is chosen on
+    held-out positions (one eigendecomposition serves all candidates). ``fast``: one fixed
+    ``alpha``, no held-out check. Returns the new (g x D x C) weights (or None) and diagnostics.
     """
-    hold = torch.zeros(x.shape[1], dtype=torch.bool)
-    hold[::HOLDOUT_EVERY] = True
-    if int(hold.sum()) < 1 or int((~hold).sum()) < 2:
-        hold[:] = False
-    xt, yt = x[:, ~hold], y[:, ~hold]
-    g_t = (xt.transpose(1, 2) @ xt).double()
-    b_t = (xt.transpose(1, 2) @ yt).double()
     w_old = w_old.double()
-    dim = g_t.shape[-1]
+    dim = x.shape[-1]
     eye = torch.eye(dim, dtype=torch.float64)
-    scale = torch.diagonal(g_t, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim  # per group
 
-    def fit(g, b, alpha):
+    def gram(xs, ys):
+        return (xs.transpose(1, 2) @ xs).double(), (xs.transpose(1, 2) @ ys).double()
+
+    def direct(g, b, alpha):
+        scale = torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim
         lam = (alpha * scale).view(-1, 1, 1)
         return torch.linalg.solve(g + lam * eye, b + lam * w_old)
 
-    if not bool(hold.any()):
-        w = fit(g_t, b_t, 1e-2)
-        return w, {"alpha": 1e-2}
+    hold = torch.zeros(x.shape[1], dtype=torch.bool)
+    hold[::HOLDOUT_EVERY] = True
+    if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
+        g, b = gram(x, y)
+        return direct(g, b, 1e-2), {"alpha": 1e-2}
+    g_t, b_t = gram(x[:, ~hold], y[:, ~hold])
     xh, yh = x[:, hold].double(), y[:, hold].double()
 
     def err(w):
@@ -93,20 +103,29 @@ def _solve(x: torch.Tensor, y: torch.Tensor, w_old: torch.Tensor) -> tuple[torch
 
     base = err(w_old)
     best_alpha, best = None, base
-    for alpha in ALPHAS:
-        try:
-            e = err(fit(g_t, b_t, alpha))
-        except RuntimeError:  # singular even with the ridge: try a larger one
-            continue
-        if e < best:
+    if dim > EIGH_MAX_DIM:
+        # wide layers (e.g. 512 x 3 x 3 inputs): an eigendecomposition per layer is too slow on a
+        # CPU; one Cholesky solve with a fixed, stronger ridge, still checked on held-out positions
+        candidates = [(LARGE_ALPHA, direct(g_t, b_t, LARGE_ALPHA))]
+    else:
+        scale = (torch.diagonal(g_t, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim).view(-1, 1, 1)
+        evals, evecs = torch.linalg.eigh(g_t)
+        evals = evals.clamp_min(0).unsqueeze(-1)  # g x D x 1
+        candidates = []
+        for alpha in ALPHAS:
+            lam = alpha * scale
+            candidates.append((alpha, evecs @ ((evecs.transpose(1, 2) @ (b_t + lam * w_old)) / (evals + lam))))
+    for alpha, w in candidates:
+        e = err(w)
+        if e == e and e < best:
             best_alpha, best = alpha, e
-    info = {"err_before": base / max(1, int(hold.sum())), "err_after": best / max(1, int(hold.sum()))}
+    info = {"err_before": base / max(1, int(hold.sum())), "err_after": best / max(1, int(hold.sum())),
+            "energy": float((yh**2).sum()) / max(1, int(hold.sum()))}
     if best_alpha is None:
         return None, info
-    g = g_t + (xh.transpose(1, 2) @ xh)
-    b = b_t + (xh.transpose(1, 2) @ yh)
+    g_h, b_h = gram(x[:, hold], y[:, hold])
     info["alpha"] = best_alpha
-    return fit(g, b, best_alpha), info
+    return direct(g_t + g_h, b_t + b_h, best_alpha), info
 
 
 def _bn_affine(bn: nn.Module, idx: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +174,8 @@ def _dim_of(layer: nn.Module) -> int:
     return layer.weight.shape[1] * layer.weight[0, 0].numel() + 1
 
 
-def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor, fit_bias: bool) -> dict:
+def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor, fit_bias: bool,
+         fast: bool = False) -> dict:
     """Solve for ``module``'s weights from its input ``x`` (full batch) and S x Cout ``target``."""
     if isinstance(module, nn.Linear):
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x.unsqueeze(1)
@@ -174,7 +194,7 @@ def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor,
         feats = torch.cat([feats, ones], dim=-1)
         b = module.bias.detach() if module.bias is not None else torch.zeros(module.weight.shape[0])
         w = torch.cat([w, b.to(w).reshape(groups, 1, -1)], dim=1)
-    new, info = _solve(feats.cpu(), y.cpu(), w.cpu())
+    new, info = _solve(feats.cpu(), y.cpu(), w.cpu(), fast)
     info["status"] = "kept" if new is None else "refit"
     if new is None:
         return info

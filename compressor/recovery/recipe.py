@@ -13,8 +13,10 @@ from compressor.recovery import get_recovery
 from compressor.recovery.base import RecoveryContext
 from compressor.recovery.common import batches
 
-# Chosen by measurement (bench/results/recovery.md): least squares, then BatchNorm re-estimation.
-DEFAULT_RECIPE: list[str] = ["lsq", "bn"]
+# Chosen by measurement (bench/results/recovery.md): BatchNorm re-estimation, then least squares
+# (the reconstruction maps its targets through both BNs, so it builds on the re-estimated statistics;
+# re-estimating *after* it would undo part of the fit).
+DEFAULT_RECIPE: list[str] = ["bn", "lsq"]
 DATA_FREE_RECIPE: list[str] = ["datafree"]
 HOLDOUT_MAX = 128  # images held out of the calibration set to measure fidelity
 HOLDOUT_MIN_CALIB = 256  # below this the fidelity is measured on the calibration images themselves

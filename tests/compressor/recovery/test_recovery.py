@@ -92,7 +92,7 @@ def hand_prune(model: nn.Module, groups: list[ChannelGroup], plan: dict[int, tor
 def make_case(keep_fraction: float = 0.5, seed: int = 0, calib_n: int = 256):
     torch.manual_seed(seed)
     model = Tiny()
-    reestimate_bn(model, images(512, seed + 100), 128, "cpu")  # realistic BN statistics for this data
+    reestimate_bn(model, images(256, seed + 100), 128, "cpu")  # realistic BN statistics for this data
     for m in model.modules():  # non-trivial BN affine parameters
         if isinstance(m, nn.BatchNorm2d):
             with torch.no_grad():
@@ -124,7 +124,21 @@ HELD_OUT = images(256, 999)
 
 @pytest.mark.parametrize("name", list_recoveries())
 def test_method_runs_keeps_shapes_and_reduces_distortion(name):
-    ctx = make_case()
+    # averaged over three random networks: a single random net need not respond to BN re-estimation
+    totals = [0.0, 0.0]
+    for seed in range(3):
+        before, after = _check_method(name, seed)
+        totals[0] += before
+        totals[1] += after
+    before, after = totals
+    if name in ("bn", "bias", "lsq"):
+        assert after < before, (name, before, after)
+    else:  # data-free merging may find nothing to merge in random weights, but must not blow up
+        assert after < before * 1.5, (name, before, after)
+
+
+def _check_method(name: str, seed: int) -> tuple[float, float]:
+    ctx = make_case(seed=seed)
     original_state = {k: v.clone() for k, v in ctx.original.state_dict().items()}
     shapes = {k: v.shape for k, v in ctx.pruned.state_dict().items()}
     before = distortion(ctx.original, ctx.pruned, HELD_OUT)
@@ -139,10 +153,7 @@ def test_method_runs_keeps_shapes_and_reduces_distortion(name):
         assert torch.equal(v, original_state[k]), k
     after = distortion(ctx.original, ctx.pruned, HELD_OUT)
     assert after == after  # finite
-    if name in ("bn", "bias", "lsq"):
-        assert after < before, (name, before, after)
-    else:  # data-free merging may find nothing to merge in random weights, but must not blow up
-        assert after < before * 1.5, (name, before, after)
+    return before, after
 
 
 @pytest.mark.parametrize("name", list_recoveries())
@@ -188,7 +199,8 @@ def test_datafree_merges_an_exact_duplicate_channel_exactly():
 def test_grouped_and_depthwise_convs_are_refit():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
-                          nn.ReLU(), nn.Conv2d(16, 8, 1, groups=2), nn.Flatten(), nn.Linear(8 * 256, 4)).eval()
+                          nn.ReLU(), nn.Conv2d(16, 8, 1, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
     groups = [ChannelGroup(0, "0", 16, [GroupMember("0", "out", tuple(range(16)))])]
     plan = {0: torch.arange(0, 16, 2)}
     pruned = copy.deepcopy(model)
@@ -202,6 +214,7 @@ def test_grouped_and_depthwise_convs_are_refit():
     before = distortion(model, pruned, held)
     get_recovery("lsq").apply(ctx)
     assert pruned[2].weight.shape == (16, 1, 3, 3) and pruned[4].weight.shape == (8, 8, 1, 1)
+    assert pruned[2].bias is not None
     assert distortion(model, pruned, held) < before
 
 
@@ -220,3 +233,33 @@ def test_recipe_reports_steps_and_fidelity():
 def test_recipe_rejects_unknown_names():
     with pytest.raises(CompressorError, match="unknown recovery method"):
         run_recipe(["nope"], make_case())
+
+
+def test_allocate_widths_meets_target_and_honours_constraints():
+    from compressor import graph as graph_mod
+    from compressor.sensitivity import allocate_widths
+
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    prunable = [g for g in graph.groups if g.prunable]
+    assert prunable
+    prunable[0].min_channels = 6
+    prunable[-1].multiple = 4
+    scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in prunable}
+    full = graph_mod.estimate_macs(graph, {g.id: g.size for g in prunable})
+    counts = allocate_widths(graph, scores, images(64, 11), 0.5 * full)
+    assert graph_mod.estimate_macs(graph, counts) <= 0.5 * full
+    for g in prunable:
+        assert g.min_channels <= counts[g.id] <= g.size
+        assert counts[g.id] % g.multiple == 0 or counts[g.id] == g.size
+    with pytest.raises(CompressorError):
+        allocate_widths(graph, scores, images(64, 11), 1.0)
+
+
+def test_lsq_without_fx_tracing_uses_hooks_and_still_helps():
+    from compressor.recovery.lsq import LeastSquaresReconstruction
+
+    ctx = make_case()
+    before = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    LeastSquaresReconstruction(residual=False).apply(ctx)  # the hook path (no residual targets)
+    assert distortion(ctx.original, ctx.pruned, HELD_OUT) < 0.5 * before
