@@ -93,6 +93,10 @@ class CompressConfig:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"--max-accuracy-drop {self.max_accuracy_drop} must be >= 0 points")
 
+    def allocation_for(self, has_calibration: bool) -> str:
+        """The width allocation: measured sensitivity when there is data (it measured best), else global."""
+        return self.allocation or ("sensitivity" if has_calibration else "global")
+
     @property
     def recovery_recipe(self) -> tuple[str, ...] | None:
         """The recipe with ``none`` removed; None means the default recipe."""

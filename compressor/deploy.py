@@ -53,7 +53,7 @@ def resolve_target(device: str, align: bool | None) -> Target:
 
 def search(config: CompressConfig, budget: Budget, target: Target, graph, scores, criterion, ctx, calib, stages):
     """Per-group kept counts meeting ``budget``, and the candidates considered (for the plots)."""
-    allocation = config.allocation or "global"
+    allocation = config.allocation_for(calib is not None)
     images = calib.images if calib is not None else None
     kwargs = {"criterion": criterion, "ctx": ctx, "calib": images}
     if budget.kind == "flops":

@@ -133,7 +133,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CompressorError(f"{str(path)!r} is not a state_dict of tensors; pass the model's state_dict file")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # older checkpoints omit BatchNorm's step counter; it does not affect inference
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
@@ -148,7 +149,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise CompressorError(
             f"weights {str(path)!r} do not fit the model: {', '.join(parts)}; pass the matching architecture"
         )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def check_finite(model: nn.Module) -> None:

@@ -247,7 +247,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         "model": config.model,
         "budget": budget_report(budget, macs1 / macs0, candidates),
         "criterion": criterion.name,
-        "allocation": config.allocation or "global",
+        "allocation": config.allocation_for(calib is not None),
         "recovery": list(recipe),
         "recovery_steps": recovery_info,
         "flops": ratio_block(2 * macs0, 2 * macs1),
