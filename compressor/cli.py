@@ -84,7 +84,7 @@ def compress_command(
                                            "[the default recipe]; 'none' for none."),
     allocation: str | None = typer.Option(None, help="Width allocation: global (one ranking over all layers), "
                                              "uniform, sensitivity (measured recoverability), criterion "
-                                             "(widths the criterion proposes) [sensitivity with --calib,
+                                             "(widths the criterion proposes) [sensitivity with --calib, "
                                              "else global]."),
     ignore: list[str] = typer.Option([], help="Module-name glob never pruned (repeatable), e.g. 'features.0*'."),
     min_channels: int | None = typer.Option(None, help="Fewest channels any group keeps [1]."),
