@@ -27,7 +27,8 @@ def main() -> None:
                 f"{wall:.1f}",
             ])
     notes = [
-        "Model: `../shared/models/resnet56-cifar10-jpeg.pt`; criterion l1, sensitivity width allocation (the default with calibration data); 1,024 calibration "
+        "Model: `../shared/models/resnet56-cifar10-jpeg.pt`; criterion l1, sensitivity width allocation (the default "
+        "with calibration data); 1,024 calibration "
         "images from train.tar.gz (seed 0); accuracy on all 5,000 val.tar.gz images.",
         f"Latency: onnxruntime CPU, batch 1, p50 over 30 iterations, on this machine ({torch.get_num_threads()} "
         f"threads, {platform.processor() or platform.machine()}). Wall time: the whole run, including evaluation "
