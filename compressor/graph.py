@@ -872,7 +872,7 @@ def apply_plan(graph: ChannelGraph, plan: Plan) -> PrunedModel:
     for (name, kind), drop in _removed_by_dim(graph, removed).items():
         if not drop:
             continue
-        obj = _lookup(model, name)
+        obj = lookup(model, name)
         if obj is None or isinstance(obj, ChannelScatter):
             continue
         size = graph._dims.get((name, kind))
@@ -916,7 +916,8 @@ def _rebuild_grouped(model: nn.Module, snapshots: dict, kept: dict[str, dict[str
         conv.in_channels, conv.out_channels = len(kept_in), len(kept_out)
 
 
-def _lookup(model: nn.Module, name: str):
+def lookup(model: nn.Module, name: str) -> nn.Module | nn.Parameter | None:
+    """The module called ``name``, else the bare parameter called ``name``, else None."""
     try:
         return model.get_submodule(name)
     except AttributeError:
@@ -930,7 +931,7 @@ def _lookup(model: nn.Module, name: str):
 def _check_kept(model: nn.Module, kept: dict[str, dict[str, list[int]]]) -> None:
     """The pruned modules must have exactly the recorded sizes (catches silent divergence)."""
     for name, rec in kept.items():
-        obj = _lookup(model, name)
+        obj = lookup(model, name)
         for kind, idx in rec.items():
             if isinstance(obj, torch.Tensor):
                 if len(idx) not in obj.shape:
@@ -958,7 +959,7 @@ def mask_model(graph: ChannelGraph, plan: Plan) -> nn.Module:
             if kind != "out" or not drop:
                 continue
             idx = torch.as_tensor(sorted(drop), dtype=torch.long)
-            obj = _lookup(model, name)
+            obj = lookup(model, name)
             if isinstance(obj, torch.Tensor):
                 dim = _param_dim(graph, name, obj)
                 obj.index_fill_(dim, idx, 0.0)

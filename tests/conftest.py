@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -51,3 +52,17 @@ def load_cifar_resnet(depth: int = 20) -> torch.nn.Module:
     spec.loader.exec_module(module)
     torch.manual_seed(0)
     return module.CifarResNet(depth).eval()
+
+
+def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Random BN statistics/affine so that activations keep a useful scale through the net."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model.eval()

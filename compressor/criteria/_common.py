@@ -25,6 +25,7 @@ from torch import nn
 
 from compressor.criteria.base import ScoringContext
 from compressor.errors import CompressorError
+from compressor.graph import lookup
 from compressor.groups import ChannelGroup, GroupMember, Scores
 
 FILTER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -44,18 +45,6 @@ def require_calib(ctx: ScoringContext, name: str) -> torch.Tensor:
             "(or choose a data-free criterion such as l1)"
         )
     return ctx.calib
-
-
-def lookup(model: nn.Module, name: str) -> nn.Module | nn.Parameter | None:
-    """The module called ``name``, else the bare parameter called ``name``, else None."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        pass
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return None
 
 
 def index_tensor(member: GroupMember, device: torch.device | str = "cpu") -> torch.Tensor:

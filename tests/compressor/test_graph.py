@@ -8,27 +8,13 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_cifar_resnet
+from conftest import load_cifar_resnet, randomize_bn
 from torch import nn
 
 from compressor import graph as G
 from compressor.channel_ops import ChannelScatter
 
 torch.set_num_threads(1)
-
-
-def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Random BN statistics/affine so that activations keep a useful scale through the net."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-    return model.eval()
 
 
 def group_of(graph, module: str, kind: str = "out"):
