@@ -78,7 +78,8 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "from the same run. Calibration images: a seeded random subset (seed 0) of `train.tar.gz`; accuracy "
         f"on {'all 5,000' if eval_size is None else f'{eval_size:,} (seeded subset) of the'} `val.tar.gz` images. "
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "
-        "(`--allocation criterion`, its utilization-strength keep ratios scaled to the budget).",
+        "(`--allocation criterion`, its utilization-strength keep ratios scaled to the budget); "
+        "`NAME@sensitivity` uses the measured-sensitivity allocation, the pipeline's default with calibration data.",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
         "CPU shared with other jobs, so times are indicative only.",
         "",
@@ -142,7 +143,7 @@ def main() -> None:
                     try:
                         report, wall = run_cifar(
                             weights, budget, depth=depth, criterion=name, calib_size=calib, recovery=None,
-                            latency=False, eval_size=args.eval_size, allocation=allocation or None,
+                            latency=False, eval_size=args.eval_size, allocation=allocation or "global",
                         )
                         acc = report["accuracy"]
                         row.update(

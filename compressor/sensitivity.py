@@ -35,6 +35,7 @@ PROBE_SAMPLES = 2048  # sampled output positions per least-squares fit in a prob
 MAX_REFIT_CONSUMERS = 4  # groups feeding more layers (residual streams) are probed without the refit
 FIT_IMAGES = 64  # images (disjoint from the probe images) whose statistics the probe refits use
 MAX_GRAM_DIM = 2048
+MAX_REFINE_ROUNDS = 4  # re-measure widths the allocation chose below the narrowest probe
 
 
 def _distortion(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -226,6 +227,19 @@ def _interp(points: list[tuple[int, float]], count: int) -> float:
     return d_lo + slope * (c_lo - count)
 
 
+def _make_prober(graph: graph_mod.ChannelGraph, calib: torch.Tensor, device: str, probe_images: int = PROBE_IMAGES,
+                 refit: bool = True) -> _Prober:
+    """A prober on a strided slice of ``calib``; its refits use other images (disjoint from the probe)."""
+    n = len(calib)
+    idx = torch.linspace(0, n - 1, min(n, probe_images)).round().long().unique()  # strided: data may be sorted
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[idx] = False
+    others = torch.nonzero(rest).flatten()
+    fit = calib[others[torch.linspace(0, len(others) - 1, min(len(others), FIT_IMAGES)).round().long()]] if len(
+        others) else None
+    return _Prober(graph, calib[idx], device, fit if refit else None)
+
+
 def probe_sensitivity(
     graph: graph_mod.ChannelGraph,
     scores: dict[int, torch.Tensor],
@@ -236,16 +250,11 @@ def probe_sensitivity(
     probe_images: int = PROBE_IMAGES,
     refit: bool = True,
     progress: Callable[[str], None] | None = None,
+    prober: _Prober | None = None,
 ) -> dict[int, list[tuple[int, float]]]:
     """Measured (kept count, distortion) points per prunable group, counts descending, starting at full width."""
-    n = len(calib)
-    idx = torch.linspace(0, n - 1, min(n, probe_images)).round().long().unique()  # strided: data may be sorted
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[idx] = False
-    others = torch.nonzero(rest).flatten()
-    fit = calib[others[torch.linspace(0, len(others) - 1, min(len(others), FIT_IMAGES)).round().long()]] if len(
-        others) else None
-    prober = _Prober(graph, calib[idx], device, fit if refit else None)
+    if prober is None:
+        prober = _make_prober(graph, calib, device, probe_images, refit)
     curves: dict[int, list[tuple[int, float]]] = {}
     prunable = [g for g in graph.groups if g.prunable]
     for i, g in enumerate(prunable):
@@ -263,6 +272,33 @@ def probe_sensitivity(
         if progress is not None:
             progress(f"sensitivity {i + 1}/{len(prunable)}: {g.root} {points[1:]}")
     return curves
+
+
+def _greedy(by_id, curves, floor, estimate, target_macs) -> tuple[dict[int, int], float]:
+    """From full width, repeatedly take one step of channels from the group whose (interpolated)
+    distortion rises least per MAC saved, until the estimate meets ``target_macs``."""
+    counts = {gid: g.size for gid, g in by_id.items()}
+    current = estimate(counts)
+    while current > target_macs:
+        best_cost, best_counts, best_macs = math.inf, None, None
+        for gid, count in counts.items():
+            g = by_id[gid]
+            new = budget_mod._round_count(g, count - max(1, g.multiple))
+            if new >= count or new < floor[gid]:
+                continue
+            trial = dict(counts)
+            trial[gid] = new
+            macs = estimate(trial)
+            saved = current - macs
+            if saved <= 0:
+                continue
+            cost = (_interp(curves[gid], new) - _interp(curves[gid], count)) / saved
+            if cost < best_cost:
+                best_cost, best_counts, best_macs = cost, trial, macs
+        if best_counts is None:  # cannot shrink further (should not happen after the floor check)
+            raise BudgetError(f"budget unreachable: {current:.3g} MACs > target {target_macs:.3g}")
+        counts, current = best_counts, best_macs
+    return counts, current
 
 
 def allocate_widths(
@@ -296,29 +332,21 @@ def allocate_widths(
     if estimate(counts) <= target_macs:
         return counts
     start = time.perf_counter()
-    curves = probe_sensitivity(graph, scores, calib, device=device, progress=progress)
+    prober = _make_prober(graph, calib, device)
+    curves = probe_sensitivity(graph, scores, calib, device=device, progress=progress, prober=prober)
     by_id = {g.id: g for g in prunable}
-    current = estimate(counts)
-    while current > target_macs:
-        best, best_cost, best_counts, best_macs = None, math.inf, None, None
-        for gid, count in counts.items():
-            g = by_id[gid]
-            step = max(1, g.multiple)
-            new = budget_mod._round_count(g, count - step)
-            if new >= count or new < floor[gid]:
-                continue
-            trial = dict(counts)
-            trial[gid] = new
-            macs = estimate(trial)
-            saved = current - macs
-            if saved <= 0:
-                continue
-            cost = (_interp(curves[gid], new) - _interp(curves[gid], count)) / saved
-            if cost < best_cost:
-                best, best_cost, best_counts, best_macs = gid, cost, trial, macs
-        if best is None:  # cannot shrink further (should not happen after the floor check)
-            raise BudgetError(f"budget unreachable: {current:.3g} MACs > target {target_macs:.3g}")
-        counts, current = best_counts, best_macs
+    for round_ in range(MAX_REFINE_ROUNDS + 1):
+        counts, current = _greedy(by_id, curves, floor, estimate, target_macs)
+        # a width below the narrowest probe rests on extrapolation: measure it and decide again
+        unmeasured = [gid for gid, count in counts.items() if count < curves[gid][-1][0]]
+        if not unmeasured or round_ == MAX_REFINE_ROUNDS:
+            break
+        for gid in unmeasured:
+            order = torch.argsort(scores[gid].double(), descending=True, stable=True)
+            plan = {gid: torch.sort(order[: counts[gid]]).values}
+            curves[gid].append((counts[gid], max(curves[gid][-1][1], prober.distortion(plan))))
+            if progress is not None:
+                progress(f"sensitivity refine: {by_id[gid].root} {curves[gid][-1]}")
     if progress is not None:
         progress(f"sensitivity allocation: {current:.4g} MACs in {time.perf_counter() - start:.1f} s")
     return counts

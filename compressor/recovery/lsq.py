@@ -230,9 +230,9 @@ def refit_layers(
     scope: str = "downstream",
     residual: bool = True,
     fit_bias: bool = True,
-    samples_per_dim: int = 16,
+    samples_per_dim: int = 64,
     min_samples: int = 4096,
-    max_samples: int = 16384,
+    max_samples: int = 65536,
     seed: int = 0,
 ) -> dict[str, dict]:
     """Refit conv/linear layers of ``pruned`` (in place) so their outputs match ``original``'s.

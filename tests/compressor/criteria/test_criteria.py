@@ -98,7 +98,7 @@ DATA = [n for n in ALL if get_criterion(n).needs_data]
 
 def test_expected_members_registered():
     expected = {"l1", "l2", "fpgm", "bn_scale", "random", "taylor", "lrp", "attribution", "taylor_guided",
-                "snpfi", "dirichlet"}
+                "snpfi", "dirichlet", "reconstruction"}
     assert expected <= set(ALL), expected - set(ALL)
     for name in ALL:
         c = get_criterion(name)
@@ -265,6 +265,24 @@ def test_snpfi_sees_duplicated_filters_and_proposes_keep_ratios():
     assert set(ratios) == {0, 1} and all(0 < r <= 1 for r in ratios.values())
     assert s[2] < 0.05 * s.max() and s[3] < 0.05 * s.max()  # each is reproduced by its twin
     assert ratios[1] < plain_ratios[1]
+
+
+def test_reconstruction_removes_a_duplicated_channel_first_even_when_its_norm_is_largest():
+    model = tiny_model()
+    with torch.no_grad():  # channel 3 of the inner group duplicates channel 2; both have the largest filters
+        model.conv1.weight[2] *= 3
+        model.conv1.weight[3] = model.conv1.weight[2]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(model.bn1, name)[3] = getattr(model.bn1, name)[2]
+    ctx = context(model)
+    assert set(get_criterion("l1").score(ctx)[1].argsort()[-2:].tolist()) == {2, 3}
+    s = get_criterion("reconstruction").score(ctx)[1]
+    assert int(s.argmin()) in (2, 3)  # its twin absorbs it through conv2's refit
+
+
+def test_reconstruction_removes_a_channel_nobody_reads_first():
+    s = get_criterion("reconstruction").score(context(dead_consumer_model(2)))[1]
+    assert int(s.argmin()) == 2
 
 
 @pytest.mark.slow

@@ -256,6 +256,37 @@ def test_allocate_widths_meets_target_and_honours_constraints():
         allocate_widths(graph, scores, images(64, 11), 1.0)
 
 
+def test_allocate_widths_measures_widths_below_the_narrowest_probe(monkeypatch):
+    """A cliff below the probed widths (as when a network's last conv is cut to one channel) is measured
+    and avoided, not extrapolated as free."""
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    prunable = [g for g in graph.groups if g.prunable]
+    costly = max(prunable, key=lambda g: g.size)
+    narrowest = min(sensitivity.PROBE_RATIOS)
+    lowest_ok = {g.id: int(round(narrowest * g.size)) for g in prunable}
+    measured = []
+
+    def distortion(self, plan, refit=True):
+        ((gid, kept),) = plan.items()
+        measured.append((gid, len(kept)))
+        if gid == costly.id:  # steadily costly
+            return 1.0 - len(kept) / costly.size
+        return 0.0 if len(kept) >= lowest_ok[gid] else 1e3  # free down to the narrowest probe, a cliff below
+
+    monkeypatch.setattr(sensitivity._Prober, "distortion", distortion)
+    scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in prunable}
+    floor = {g.id: (1 if g.id == costly.id else lowest_ok[g.id]) for g in prunable}
+    target = 1.05 * graph_mod.estimate_macs(graph, floor)
+    counts = sensitivity.allocate_widths(graph, scores, images(64, 11), target)
+    assert graph_mod.estimate_macs(graph, counts) <= target
+    assert all(counts[g.id] >= lowest_ok[g.id] for g in prunable if g.id != costly.id), counts
+    assert any(c < lowest_ok[gid] for gid, c in measured), measured  # the refinement looked below the probes
+
+
 def test_lsq_without_fx_tracing_uses_hooks_and_still_helps():
     from compressor.recovery.lsq import LeastSquaresReconstruction
 
