@@ -68,7 +68,9 @@ def main() -> None:
     if list(DEFAULT_RECIPE) not in RECIPES.values():
         recipes["default (" + "+".join(DEFAULT_RECIPE) + ")"] = list(DEFAULT_RECIPE)
     model, calib_all, val, model_text = load_case(args.model, max(sizes), load, load_images)
-    vx, vy = val.images[: args.val], val.labels[: args.val]
+    # a strided subset: the loader returns images grouped by class
+    pick = torch.linspace(0, len(val.images) - 1, min(args.val, len(val.images))).round().long()
+    vx, vy = val.images[pick], val.labels[pick]
     graph = graph_mod.build_graph(model, calib_all[:1])
     base_acc = accuracy(graph.model, vx, vy)
     print(f"original accuracy {base_acc:.4f}", flush=True)
