@@ -32,7 +32,8 @@ DAMPING = 1e-2  # ridge added to H, relative to its mean diagonal (as in OBC/GPT
 SAMPLES_PER_DIM = 16
 MIN_SAMPLES, MAX_SAMPLES = 4096, 16384
 MAX_DIM = 4096  # wider consumers (e.g. 512 x 3 x 3 inputs) are left out of the cost: H^-1 is too big to update
-STEP_FRACTION = 1 / 32  # channels removed per greedy step, as a fraction of those left (at least one)
+STEP_FRACTION = 1 / 32  # channels removed per greedy step, as a fraction of those left (at least one) ...
+MAX_STEPS = 48  # ... and at least size / MAX_STEPS, so wide groups take a bounded number of H^-1 updates
 
 
 def _consumer_layers(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, nn.Module]:
@@ -96,49 +97,48 @@ def _grams(model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) 
 
 def _post_bn_scale(model: nn.Module, layer_name: str, bn_of: dict[str, str], cout: int) -> torch.Tensor:
     bn = bn_of.get(layer_name)
-    if bn is None:
+    mod = model.get_submodule(bn) if bn is not None else None
+    if mod is None or mod.num_features != cout:
         return torch.ones(cout, dtype=torch.float64)
-    mod = model.get_submodule(bn)
     gamma = mod.weight.detach().double() if mod.weight is not None else torch.ones(cout, dtype=torch.float64)
     return (gamma / torch.sqrt(mod.running_var.detach().double() + mod.eps)).cpu()
 
 
 class _Consumer:
-    """One consumer layer's least-squares state, restricted to the group channels still present."""
+    """One consumer layer's least-squares state, shrunk to the input columns still present."""
 
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, in_idx: list[int]) -> None:
         cout = weight.shape[0]
         self.k2 = weight[0, 0].numel() if weight.dim() > 2 else 1
         w = weight.detach().double().cpu().reshape(cout, -1).T * scale  # D x Cout (no bias row: it is free)
-        w = torch.cat([w, torch.zeros(1, cout, dtype=torch.float64)], 0)
+        self.w = torch.cat([w, torch.zeros(1, cout, dtype=torch.float64)], 0)
         damp = DAMPING * torch.diagonal(gram).mean().clamp_min(1e-12)
         self.hinv = torch.linalg.inv(gram + damp * torch.eye(gram.shape[0], dtype=torch.float64))
-        self.w = w
-        self.alive = torch.ones(gram.shape[0], dtype=torch.bool)
+        self.alive = torch.arange(gram.shape[0])  # original column of each current row/column, ascending
         self.in_idx = in_idx  # group channel -> consumer input channel
 
-    def columns(self, channel: int) -> torch.Tensor:
-        c = self.in_idx[channel]
-        return torch.arange(c * self.k2, (c + 1) * self.k2)
+    def _current(self, channels: list[int]) -> torch.Tensor:
+        """Current positions of the channels' columns: len(channels) x k2."""
+        first = torch.as_tensor([self.in_idx[c] * self.k2 for c in channels])
+        cols = first.unsqueeze(1) + torch.arange(self.k2)
+        return torch.searchsorted(self.alive, cols)
 
     def costs(self, channels: list[int]) -> torch.Tensor:
-        cols = torch.stack([self.columns(c) for c in channels])  # C x k2
+        cols = self._current(channels)  # C x k2
         blocks = self.hinv[cols.unsqueeze(-1), cols.unsqueeze(-2)]  # C x k2 x k2
         wb = self.w[cols]  # C x k2 x Cout
         sol = torch.linalg.solve(blocks, wb)
         return (wb * sol).sum(dim=(1, 2))
 
     def remove(self, channels: list[int]) -> None:
-        cols = torch.cat([self.columns(c) for c in channels])
+        cols = self._current(channels).reshape(-1)
+        keep = torch.ones(len(self.alive), dtype=torch.bool)
+        keep[cols] = False
         block = self.hinv[cols][:, cols]
-        left = self.hinv[:, cols]  # D x r
-        coef = torch.linalg.solve(block, self.w[cols])  # r x Cout
-        self.w = self.w - left @ coef
-        self.hinv = self.hinv - left @ torch.linalg.solve(block, left.T)
-        self.w[cols] = 0
-        self.hinv[cols] = 0
-        self.hinv[:, cols] = 0
-        self.hinv[cols, cols] = 1.0  # decoupled placeholder; never read again for removed channels
+        left = self.hinv[keep][:, cols]  # kept x r
+        self.w = self.w[keep] - left @ torch.linalg.solve(block, self.w[cols])
+        self.hinv = self.hinv[keep][:, keep] - left @ torch.linalg.solve(block, left.T)
+        self.alive = self.alive[keep]
 
 
 def _eliminate(consumers: list[_Consumer], size: int) -> torch.Tensor:
@@ -148,7 +148,7 @@ def _eliminate(consumers: list[_Consumer], size: int) -> torch.Tensor:
     total = 0.0
     while len(left) > 1:
         cost = sum(c.costs(left) for c in consumers)
-        take = max(1, int(len(left) * STEP_FRACTION))
+        take = max(1, int(len(left) * STEP_FRACTION), size // MAX_STEPS)
         take = min(take, len(left) - 1)
         order = torch.argsort(cost, stable=True)[:take].tolist()
         chosen = [left[i] for i in order]

@@ -60,21 +60,22 @@ def conv_bn_pairs(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
 
     Found by tensor identity on one forward pass, so it works for plain modules and fx graphs.
     """
-    produced: dict[int, str] = {}
+    # the outputs are kept alive for the pass: a freed tensor's id() can be reused by a later one
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: dict[str, str] = {}
     handles = []
 
     def on_layer(name):
         def hook(_m, _i, out):
-            produced[id(out)] = name
+            produced[id(out)] = (name, out)
 
         return hook
 
     def on_bn(name):
         def hook(_m, inputs):
             src = produced.get(id(inputs[0]))
-            if src is not None:
-                pairs[src] = name
+            if src is not None and src[1] is inputs[0]:
+                pairs[src[0]] = name
 
         return hook
 

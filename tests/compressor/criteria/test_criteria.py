@@ -311,3 +311,20 @@ def test_every_criterion_on_the_cifar_resnet_graph():
         ScoringContext(model=graph.model, groups=graph.groups, calib=calib, batch_size=4)
     )
     assert all(0 < r <= 1 for r in ratios.values()) and len(ratios) == len([g for g in graph.groups if g.prunable])
+
+
+def test_reconstruction_on_an_inverted_residual_network():
+    """Depthwise consumers are skipped, expansion/projection 1x1 convs are used, every group gets scores."""
+    import torchvision
+
+    from compressor import graph as graph_mod
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    x = torch.randn(16, 3, 64, 64)
+    graph = graph_mod.build_graph(model, x[:1])
+    ctx = ScoringContext(model=graph.model, groups=graph.groups, calib=x)
+    scores = get_criterion("reconstruction").score(ctx)
+    for g in graph.groups:
+        if g.prunable:
+            assert scores[g.id].shape == (g.size,) and bool(torch.isfinite(scores[g.id]).all())
