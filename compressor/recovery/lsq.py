@@ -18,6 +18,13 @@ The solve is ridge regression in Gram form, ``W = (G + lam I)^-1 (B + lam W_old)
 ``B = X^T Y``; it shrinks toward the pruned weights. ``lam`` is picked per layer from a few
 multiples of ``trace(G)/D`` on held-out positions, and the pruned weights are kept when no
 solve beats them there. Grouped and depthwise convolutions are solved per group.
+
+ReLU-aware rounds (fx path): when a layer's output reaches a ReLU (through its BN and the
+residual addition), positions where the original's ReLU is off need only stay off in the pruned
+network, not match a negative value. The fit alternates a few times between projecting the
+prediction onto that constraint at those positions and re-solving with the same ridge, which
+minimizes the error after the ReLU. On ResNet-56 at 40% FLOPs this took accuracy from 76.1% to
+80.6% (2,000 val images); at 50% it was neutral.
 """
 
 from __future__ import annotations
@@ -125,7 +132,31 @@ def _solve(
         return None, info
     g_h, b_h = gram(x[:, hold], y[:, hold])
     info["alpha"] = best_alpha
-    return direct(g_t + g_h, b_t + b_h, best_alpha), info
+    info["gram"] = g_t + g_h  # for the ReLU-aware rounds; popped by the caller
+    return direct(info["gram"], b_t + b_h, best_alpha), info
+
+
+RELU_ROUNDS = 5
+
+
+def _relu_aware(x, y, w_old, w, alpha, relu, groups, g=None):
+    """Alternate: project the predictions at positions where the ReLU is off, re-solve (same ridge)."""
+    theta, sign, free = (t.cpu().float().reshape(t.shape[0], groups, -1).transpose(0, 1) if t.dim() == 2
+                         else t.cpu().float().reshape(groups, 1, -1) for t in relu)
+    free = free.bool()
+    if g is None:
+        g = (x.transpose(1, 2) @ x).double()
+    dim = x.shape[-1]
+    scale = torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim
+    lam = (alpha * scale).view(-1, 1, 1)
+    lhs = g + lam * torch.eye(dim, dtype=torch.float64)
+    w_old = w_old.double()
+    for _ in range(RELU_ROUNDS):
+        pred = (x @ w.to(x.dtype))
+        over = sign * (pred - theta) > 0  # on the wrong side of the ReLU's threshold
+        target = torch.where(free, torch.where(over, theta, pred), y)
+        w = torch.linalg.solve(lhs, (x.transpose(1, 2) @ target).double() + lam * w_old)
+    return w
 
 
 def _bn_affine(bn: nn.Module, idx: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +206,13 @@ def _dim_of(layer: nn.Module) -> int:
 
 
 def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor, fit_bias: bool,
-         fast: bool = False) -> dict:
-    """Solve for ``module``'s weights from its input ``x`` (full batch) and S x Cout ``target``."""
+         fast: bool = False, relu: tuple | None = None) -> dict:
+    """Solve for ``module``'s weights from its input ``x`` (full batch) and S x Cout ``target``.
+
+    ``relu``: ``(theta, sign, free)`` when the output reaches a ReLU: at ``free`` positions the
+    original's ReLU is off, and any prediction with ``sign * (pred - theta) <= 0`` (S x C) is as
+    good as the target, so those targets are replaced by the projection of the prediction.
+    """
     if isinstance(module, nn.Linear):
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x.unsqueeze(1)
         feats = x3[n, hw].unsqueeze(1)  # S x 1 x Cin
@@ -198,6 +234,9 @@ def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor,
     info["status"] = "kept" if new is None else "refit"
     if new is None:
         return info
+    gram = info.pop("gram", None)
+    if relu is not None and relu[2].any():
+        new = _relu_aware(feats.cpu(), y.cpu(), w.cpu(), new, info.get("alpha", 1e-2), relu, groups, gram)
     new = new.to(module.weight.dtype).to(module.weight.device)
     if fit_bias:
         set_bias(module, new[:, -1, :].reshape(-1))
@@ -414,6 +453,43 @@ def _residual_partner(node: fx.Node, gm: fx.GraphModule):
     return bn, operands[1] if operands[0] is chain else operands[0]
 
 
+RELU_AWARE = True
+_RELU_FUNCS = {F.relu, torch.relu}
+
+
+def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _feeds_relu(node: fx.Node, bn: fx.Node | None, partner: fx.Node | None, gm: fx.GraphModule) -> bool:
+    """Whether the layer's output reaches a ReLU (through its BN and the residual addition) and nothing else."""
+    chain = bn if bn is not None else node
+    if partner is not None:
+        chain = next(iter(chain.users))
+    users = list(chain.users)
+    return len(users) == 1 and _is_relu(users[0], gm) and (chain is node or len(node.users) == 1)
+
+
+def _relu_threshold(target, a_p, c_p, shortcut):
+    """(theta, sign, free) for a target ``t`` whose ReLU input is ``a_p * t + c_p + shortcut``.
+
+    The ReLU is off where ``sign * (t - theta) <= 0``; ``free`` marks where the original's is off.
+    """
+    t = target.double().cpu()
+    a = torch.ones(t.shape[1], dtype=torch.float64) if a_p is None else a_p.double()
+    c = torch.zeros(t.shape[1], dtype=torch.float64) if c_p is None else c_p.double()
+    if bool((a.abs() < 1e-8).any()) or a.shape[0] != t.shape[1]:
+        return None
+    offset = c + (shortcut.double().cpu() if shortcut is not None else 0.0)
+    theta = (-offset / a).expand_as(t)
+    sign = torch.sign(a)
+    return theta, sign, sign * (t - theta) <= 0
+
+
 def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim, lo, hi, seed) -> dict[str, dict]:
     """Run both graphs node by node on the full batch; refit each layer with residual-aware targets."""
     gm_o, gm_p = traced
@@ -453,9 +529,15 @@ def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim
                     target = _into_bn_input(target, a_o, c_o, a_p, c_p, comp)
                 elif comp is not None:
                     target = target + comp
+                relu = None
+                if RELU_AWARE and _feeds_relu(node, bn, partner, gm_p) and (partner is None or comp is not None):
+                    shortcut = _at(b_p, module, n, hw) if partner is not None else None
+                    relu = _relu_threshold(target, a_p if bn is not None else None,
+                                           c_p if bn is not None else None, shortcut)
                 x = fx.node.map_arg(node.args, lambda a: env_p[a])[0]
-                infos[name] = _fit(module, x, n, hw, out_w, target, fit_bias)
+                infos[name] = _fit(module, x, n, hw, out_w, target, fit_bias, relu=relu)
                 infos[name]["residual"] = comp is not None
+                infos[name]["relu_aware"] = relu is not None
             env_p[node] = _run_node(gm_p, node, env_p, calib)
             for a in node.all_input_nodes:
                 remaining[a] -= 1

@@ -294,3 +294,30 @@ def test_lsq_without_fx_tracing_uses_hooks_and_still_helps():
     before = distortion(ctx.original, ctx.pruned, HELD_OUT)
     LeastSquaresReconstruction(residual=False).apply(ctx)  # the hook path (no residual targets)
     assert distortion(ctx.original, ctx.pruned, HELD_OUT) < 0.5 * before
+
+
+def _post_relu_error(ctx, relu_aware: bool, monkeypatch) -> tuple[float, dict]:
+    import compressor.recovery.lsq as lsq
+
+    monkeypatch.setattr(lsq, "RELU_AWARE", relu_aware)
+    method = get_recovery("lsq")
+    method.apply(ctx)
+    outs = {}
+    hooks = [m.get_submodule("features.5").register_forward_hook(lambda _m, _i, o, key=key: outs.__setitem__(key, o))
+             for key, m in (("o", ctx.original), ("p", ctx.pruned))]
+    with torch.no_grad():
+        ctx.original(ctx.calib)
+        ctx.pruned(ctx.calib)
+    for h in hooks:
+        h.remove()
+    kept = torch.as_tensor(ctx.kept["features.4"]["out"])
+    return float(((outs["p"] - outs["o"][:, kept]) ** 2).mean()), method.last_info
+
+
+def test_lsq_relu_aware_fit_lowers_the_error_after_the_relu(monkeypatch):
+    errors = {}
+    for aware in (False, True):
+        errors[aware], info = _post_relu_error(make_case(keep_fraction=0.5), aware, monkeypatch)
+        assert info["features.3"]["relu_aware"] is aware
+    # the plain fit spends effort matching negative pre-activations the ReLU discards anyway
+    assert errors[True] < 0.95 * errors[False], errors
