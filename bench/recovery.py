@@ -9,6 +9,7 @@ Run (the tables of bench/results/recovery.md):
     python bench/recovery.py
     python bench/recovery.py --model resnet20 --calib-sizes 1024 --val 2000 --append
     python bench/recovery.py --model digits --append
+    python bench/recovery.py --calib-sizes 1024 --recipes bn+lsq,bn+lsq+mimic --append
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 import torch
 from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shared, write_table
 
-RECIPES = {"none": [], "bn": ["bn"], "bias+bn": ["bias", "bn"], "lsq": ["lsq"], "bn+lsq": ["bn", "lsq"]}
+RECIPES = {"none": [], "bn": ["bn"], "bias+bn": ["bias", "bn"], "lsq": ["lsq"], "bn+lsq": ["bn", "lsq"],
+           "bn+lsq+mimic": ["bn", "lsq", "mimic"]}
+DEFAULT_ROWS = ("none", "bn", "bias+bn", "lsq", "bn+lsq")  # mimic takes minutes a cell on a CPU: opt in
 CALIB_SIZES = (64, 256, 1024)
 RATIOS = (0.5, 0.4)
 
@@ -41,7 +44,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "recovery.md"))
     parser.add_argument("--calib-sizes", default=",".join(map(str, CALIB_SIZES)))
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="row labels to run, comma-separated")
+    parser.add_argument("--recipes", default=",".join(DEFAULT_ROWS),
+                        help=f"row labels to run, comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--jsonl", default=None, help="also write one JSON line per cell to this file")
     args = parser.parse_args()

@@ -221,7 +221,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
             rctx = RecoveryContext(
                 original=original, pruned=pruned.model, groups=graph.groups, plan=plan, kept=pruned.kept,
-                calib=calib.images if calib is not None else None,
+                calib=calib.images if calib is not None else None, log=stages.note,
             )
             recovery_info = run_recipe(list(recipe), rctx)
     recovered = pruned.model.eval()

@@ -8,9 +8,13 @@ with the other filters; the utilization strength of a layer sets that layer's sp
 automatically, and pruned models are recovered without retraining by *minimizing the
 interaction difference* between the pruned and the original model.
 
-We could not obtain the paper's exact equations here (only its abstract), so this module is our
-formulation of those three ideas, using second-order activation statistics over the calibration
-images; treat it as "SNPFI-style", not a reproduction:
+We could not obtain the paper's equations here: only its abstract, and a summary saying that it
+treats the filters of a layer as the players of a cooperative game whose coalition value is the
+log-probability of the class when only those filters are active (the game-theoretic interaction
+framework). This module does not sample coalitions; it is our formulation of the three ideas with
+second-order activation statistics over the calibration images (a filter a linear combination of
+the others can replace adds little to any coalition). Treat it as "SNPFI-style", not a
+reproduction:
 
 * responses ``r`` = ReLU of the channel's producer output (after BatchNorm), average-pooled to at
   most 8x8 positions per image; every (image, position) is one sample;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class RecoveryContext:
         calib: Unlabelled calibration inputs (N x C x H x W, CPU), or None when data-free.
         device: Torch device for the passes.
         batch_size: Batch size for the passes.
+        log: Receives progress lines from long methods (None: silent).
     """
 
     original: nn.Module
@@ -36,6 +38,7 @@ class RecoveryContext:
     calib: torch.Tensor | None
     device: str = "cpu"
     batch_size: int = 64
+    log: Callable[[str], None] | None = None
 
 
 class RecoveryMethod(ABC):

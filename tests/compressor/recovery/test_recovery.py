@@ -119,6 +119,14 @@ def distortion(original: nn.Module, pruned: nn.Module, x: torch.Tensor) -> float
 
 HELD_OUT = images(256, 999)
 
+
+@pytest.fixture(autouse=True)
+def short_mimic(monkeypatch):
+    """Fewer gradient steps for ``mimic`` than its default: the tiny network converges in fewer."""
+    from compressor.recovery import mimic
+
+    monkeypatch.setattr(mimic, "STEPS", 60)
+
 # ---------------------------------------------------------------------------------------- tests
 
 
@@ -131,7 +139,7 @@ def test_method_runs_keeps_shapes_and_reduces_distortion(name):
         totals[0] += before
         totals[1] += after
     before, after = totals
-    if name in ("bn", "bias", "lsq"):
+    if name in ("bn", "bias", "lsq", "mimic"):
         assert after < before, (name, before, after)
     else:  # data-free merging may find nothing to merge in random weights, but must not blow up
         assert after < before * 1.5, (name, before, after)
@@ -321,3 +329,28 @@ def test_lsq_relu_aware_fit_lowers_the_error_after_the_relu(monkeypatch):
         assert info["features.3"]["relu_aware"] is aware
     # the plain fit spends effort matching negative pre-activations the ReLU discards anyway
     assert errors[True] < 0.95 * errors[False], errors
+
+
+def test_mimic_after_lsq_lowers_the_feature_error_further():
+    from compressor.recovery.mimic import mimic
+
+    ctx = make_case(keep_fraction=0.5)
+    get_recovery("lsq").apply(ctx)
+    info = mimic(ctx.original, ctx.pruned, ctx.kept, ctx.calib)
+    assert info["status"] == "refit"
+    assert info["held_out_after"] < info["held_out_before"], info
+    assert all(p.grad is None for p in ctx.pruned.parameters())
+
+
+def test_mimic_keeps_the_weights_when_the_steps_make_held_out_images_worse(monkeypatch):
+    from compressor.recovery import mimic as mimic_mod
+
+    ctx = make_case(keep_fraction=0.5)
+    get_recovery("lsq").apply(ctx)
+    state = {k: v.clone() for k, v in ctx.pruned.state_dict().items()}
+    monkeypatch.setattr(mimic_mod, "LEARNING_RATE", 10.0)  # diverges
+    method = get_recovery("mimic")
+    method.apply(ctx)
+    assert method.last_info["status"] == "kept", method.last_info
+    for k, v in ctx.pruned.state_dict().items():
+        assert torch.equal(v, state[k]), k
