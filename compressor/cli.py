@@ -26,6 +26,7 @@ app = typer.Typer(
     cls=DefaultToCompress,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts show defaults as [value]; rich markup would swallow them
     no_args_is_help=True,
     help="Compress a trained CNN to a FLOPs or latency budget without retraining; export ONNX/TensorRT; "
     "report accuracy and latency. Main use: compress MODEL --budget 50%flops --calib DATA --out DIR.",
@@ -48,8 +49,10 @@ def _fail(exc: Exception, debug: bool) -> None:
 
 def _recovery_choices() -> str:
     from compressor.recovery import list_recoveries
+    from compressor.recovery.recipe import DATA_FREE_RECIPE, DEFAULT_RECIPE
 
-    return ", ".join(["none", *list_recoveries()])
+    return (", ".join(["none", *list_recoveries()])
+            + f" [{','.join(DEFAULT_RECIPE)} with --calib, else {','.join(DATA_FREE_RECIPE)}]")
 
 
 def _criteria_choices() -> str:
@@ -77,11 +80,12 @@ def compress_command(
                                               "images of another size are resized."),
     mean: str | None = typer.Option(None, help="Per-channel mean after scaling to [0,1] [ImageNet's]."),
     std: str | None = typer.Option(None, help="Per-channel std [ImageNet's]."),
-    criterion: str | None = typer.Option(None, help="Channel criterion (see `compress criteria`) [l1]."),
+    criterion: str | None = typer.Option(None, help=f"Channel criterion: {_criteria_choices()} (see `compress "
+                                              "criteria`) [l1]."),
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
-    recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order "
-                                           "[the default recipe]; 'none' for none."),
+    recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
+                                           f"{_recovery_choices()}."),
     allocation: str | None = typer.Option(None, help="Width allocation: global (one ranking over all layers), "
                                              "uniform, sensitivity (measured recoverability), criterion "
                                              "(widths the criterion proposes) [sensitivity with --calib, "

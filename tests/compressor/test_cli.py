@@ -58,6 +58,19 @@ def test_help_explains_budget_and_commands():
     assert "multiply-accumulates" in result.output and "MODEL" in result.output
 
 
+def test_compress_help_lists_registry_choices_and_defaults():
+    from compressor.criteria import list_criteria
+    from compressor.recovery import list_recoveries
+
+    result = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for name in list_criteria() + list_recoveries():
+        assert name in text, name
+    # bracketed defaults survive (no markup processing swallows them)
+    assert "[bn,lsq with --calib, else datafree]" in text and "[sensitivity with --calib, else global]" in text
+
+
 def test_criteria_lists_registry():
     from compressor.criteria import list_criteria
 
