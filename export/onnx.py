@@ -109,8 +109,13 @@ def onnx_input_shape(path: str | Path) -> tuple[int, ...]:
     return dims
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-    """An onnxruntime InferenceSession (CPU by default)."""
+def ort_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                spinning: bool = True):
+    """An onnxruntime InferenceSession (CPU by default).
+
+    ``spinning=False`` stops the intra-op threads from busy-waiting after a run, so that two
+    sessions timed in alternation do not steal each other's cores.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -118,6 +123,8 @@ def ort_session(path: str | Path, providers: list[str] | None = None, threads: i
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001

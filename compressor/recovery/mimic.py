@@ -126,7 +126,7 @@ def mimic(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tenso
                 opt.step()
                 sched.step()
                 if log is not None and (step + 1) % LOG_EVERY == 0:
-                    log(f"mimic step {step + 1}/{steps}: loss {float(loss):.4f}")
+                    log(f"mimic step {step + 1}/{steps}: loss {float(loss.detach()):.4f}")
         after = held_loss()
     finally:
         taps_o.close()

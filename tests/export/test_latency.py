@@ -82,6 +82,28 @@ def test_compare_latency_structure():
     assert out["settings"]["iters"] == 5 and out["settings"]["rounds"] == 5
 
 
+def test_compared_onnxruntime_sessions_do_not_spin(monkeypatch):
+    import export.latency as latency
+
+    entries = []
+    real_init = OrtRunner.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        try:
+            entries.append(self.session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: onnxruntime's default (spinning)
+            entries.append(None)
+
+    monkeypatch.setattr(latency.OrtRunner, "__init__", recording_init)
+    compare_latency(tiny(16), tiny(4), torch.randn(1, 3, 16, 16), backend="onnxruntime", warmup=1, iters=2)
+    assert entries == ["0", "0"]  # alternating sessions must not steal each other's cores
+    entries.clear()
+    measure(tiny(), torch.randn(1, 3, 8, 8), backend="onnxruntime", warmup=1, iters=2)
+    assert entries == [None]  # a single session keeps onnxruntime's default
+
+
 def test_bad_arguments():
     with pytest.raises(UsageError):
         normalize_backend("tflite")
