@@ -7,7 +7,9 @@ every BatchNorm output (kept channels; every conv/linear output when the model h
 the squared error against the original's output on the same images, relative to the original's
 energy there, averaged over the layers. Only conv/linear weights and biases move; BatchNorm
 statistics and affine parameters stay as the earlier steps left them (the model stays in eval
-mode), which keeps the steps stable at this learning rate.
+mode), which keeps the steps stable at this learning rate. Matching the logits instead (or as well)
+was worse: with an added KL term on ResNet-56 at 50% FLOPs accuracy fell from 83.6% to 83.25%
+(2,000 val images), while the features alone raised it.
 
 A slice of the calibration images is held out; the weights are kept only when the held-out loss
 went down, so the step never makes the model worse on data it did not train on. It costs about
