@@ -259,12 +259,11 @@ def probe_sensitivity(
     prunable = [g for g in graph.groups if g.prunable]
     for i, g in enumerate(prunable):
         points = [(g.size, 0.0)]
-        order = torch.argsort(scores[g.id].double(), descending=True, stable=True)
         for r in ratios:
             count = budget_mod._round_count(g, int(round(g.size * r)))
             if count >= points[-1][0]:
                 continue
-            plan = {g.id: torch.sort(order[:count]).values}
+            plan = {g.id: _top(scores[g.id], count)}
             points.append((count, max(points[-1][1], prober.distortion(plan, refit))))
         if len(points) == 1:
             points.append((g.size - 1, 0.0))
@@ -272,6 +271,11 @@ def probe_sensitivity(
         if progress is not None:
             progress(f"sensitivity {i + 1}/{len(prunable)}: {g.root} {points[1:]}")
     return curves
+
+
+def _top(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices of the ``count`` highest-scoring channels (the ones the final plan keeps)."""
+    return torch.sort(torch.argsort(score.double(), descending=True, stable=True)[:count]).values
 
 
 def _greedy(by_id, curves, floor, estimate, target_macs) -> tuple[dict[int, int], float]:
@@ -342,8 +346,7 @@ def allocate_widths(
         if not unmeasured or round_ == MAX_REFINE_ROUNDS:
             break
         for gid in unmeasured:
-            order = torch.argsort(scores[gid].double(), descending=True, stable=True)
-            plan = {gid: torch.sort(order[: counts[gid]]).values}
+            plan = {gid: _top(scores[gid], counts[gid])}
             curves[gid].append((counts[gid], max(curves[gid][-1][1], prober.distortion(plan))))
             if progress is not None:
                 progress(f"sensitivity refine: {by_id[gid].root} {curves[gid][-1]}")

@@ -76,32 +76,37 @@ def _conv_patches(conv: nn.Conv2d, x: torch.Tensor, n: torch.Tensor, hw: torch.T
     return patches.reshape(s, conv.groups, (cin // conv.groups) * k)
 
 
+def _ridge(g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-group ridge ``alpha * trace(G) / D`` (g x 1 x 1) for Gram matrices ``g`` (g x D x D)."""
+    return (alpha * torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / g.shape[-1]).view(-1, 1, 1)
+
+
+def _ridge_solve(g: torch.Tensor, b: torch.Tensor, alpha: float, w_old: torch.Tensor) -> torch.Tensor:
+    lam = _ridge(g, alpha)
+    return torch.linalg.solve(g + lam * torch.eye(g.shape[-1], dtype=g.dtype), b + lam * w_old)
+
+
 def _solve(
-    x: torch.Tensor, y: torch.Tensor, w_old: torch.Tensor, fast: bool = False
+    x: torch.Tensor, y: torch.Tensor, w_old: torch.Tensor, fast: bool = False, relu: tuple | None = None
 ) -> tuple[torch.Tensor | None, dict]:
     """Ridge solves for (g x S x D) inputs, (g x S x C) targets; None when the old weights are best.
 
     The ridge ``lam = alpha * trace(G) / D`` shrinks toward ``w_old``; ``alpha`` is chosen on
     held-out positions (one eigendecomposition serves all candidates). ``fast``: one fixed
-    ``alpha``, no held-out check. Returns the new (g x D x C) weights (or None) and diagnostics.
+    ``alpha``, no held-out check. ``relu``: see :func:`_relu_rounds`. Returns the new
+    (g x D x C) weights (or None) and diagnostics.
     """
     w_old = w_old.double()
     dim = x.shape[-1]
-    eye = torch.eye(dim, dtype=torch.float64)
 
     def gram(xs, ys):
         return (xs.transpose(1, 2) @ xs).double(), (xs.transpose(1, 2) @ ys).double()
-
-    def direct(g, b, alpha):
-        scale = torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim
-        lam = (alpha * scale).view(-1, 1, 1)
-        return torch.linalg.solve(g + lam * eye, b + lam * w_old)
 
     hold = torch.zeros(x.shape[1], dtype=torch.bool)
     hold[::HOLDOUT_EVERY] = True
     if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
         g, b = gram(x, y)
-        return direct(g, b, 1e-2), {"alpha": 1e-2}
+        return _relu_rounds(x, y, w_old, _ridge_solve(g, b, 1e-2, w_old), g, 1e-2, relu), {"alpha": 1e-2}
     g_t, b_t = gram(x[:, ~hold], y[:, ~hold])
     xh, yh = x[:, hold].double(), y[:, hold].double()
 
@@ -113,14 +118,13 @@ def _solve(
     if dim > EIGH_MAX_DIM:
         # wide layers (e.g. 512 x 3 x 3 inputs): an eigendecomposition per layer is too slow on a
         # CPU; one Cholesky solve with a fixed, stronger ridge, still checked on held-out positions
-        candidates = [(LARGE_ALPHA, direct(g_t, b_t, LARGE_ALPHA))]
+        candidates = [(LARGE_ALPHA, _ridge_solve(g_t, b_t, LARGE_ALPHA, w_old))]
     else:
-        scale = (torch.diagonal(g_t, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim).view(-1, 1, 1)
         evals, evecs = torch.linalg.eigh(g_t)
         evals = evals.clamp_min(0).unsqueeze(-1)  # g x D x 1
         candidates = []
         for alpha in ALPHAS:
-            lam = alpha * scale
+            lam = _ridge(g_t, alpha)
             candidates.append((alpha, evecs @ ((evecs.transpose(1, 2) @ (b_t + lam * w_old)) / (evals + lam))))
     for alpha, w in candidates:
         e = err(w)
@@ -132,27 +136,27 @@ def _solve(
         return None, info
     g_h, b_h = gram(x[:, hold], y[:, hold])
     info["alpha"] = best_alpha
-    info["gram"] = g_t + g_h  # for the ReLU-aware rounds; popped by the caller
-    return direct(info["gram"], b_t + b_h, best_alpha), info
+    g = g_t + g_h
+    return _relu_rounds(x, y, w_old, _ridge_solve(g, b_t + b_h, best_alpha, w_old), g, best_alpha, relu), info
 
 
 RELU_ROUNDS = 5
 
 
-def _relu_aware(x, y, w_old, w, alpha, relu, groups, g=None):
-    """Alternate: project the predictions at positions where the ReLU is off, re-solve (same ridge)."""
-    theta, sign, free = (t.cpu().float().reshape(t.shape[0], groups, -1).transpose(0, 1) if t.dim() == 2
-                         else t.cpu().float().reshape(groups, 1, -1) for t in relu)
-    free = free.bool()
-    if g is None:
-        g = (x.transpose(1, 2) @ x).double()
-    dim = x.shape[-1]
-    scale = torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / dim
-    lam = (alpha * scale).view(-1, 1, 1)
-    lhs = g + lam * torch.eye(dim, dtype=torch.float64)
-    w_old = w_old.double()
+def _relu_rounds(x, y, w_old, w, g, alpha, relu):
+    """ReLU-aware refinement of the solution ``w`` (same Gram ``g`` and ridge); ``w`` unchanged without ``relu``.
+
+    ``relu``: ``(theta, sign, free)`` shaped like ``y`` (g x S x C) and (g x 1 x C): at ``free``
+    positions the original's ReLU is off, and any prediction with ``sign * (pred - theta) <= 0``
+    is as good as the target. Alternates between projecting the predictions there and re-solving.
+    """
+    if relu is None or not bool(relu[2].any()):
+        return w
+    theta, sign, free = relu
+    lam = _ridge(g, alpha)
+    lhs = g + lam * torch.eye(g.shape[-1], dtype=g.dtype)
     for _ in range(RELU_ROUNDS):
-        pred = (x @ w.to(x.dtype))
+        pred = x @ w.to(x.dtype)
         over = sign * (pred - theta) > 0  # on the wrong side of the ReLU's threshold
         target = torch.where(free, torch.where(over, theta, pred), y)
         w = torch.linalg.solve(lhs, (x.transpose(1, 2) @ target).double() + lam * w_old)
@@ -209,9 +213,8 @@ def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor,
          fast: bool = False, relu: tuple | None = None) -> dict:
     """Solve for ``module``'s weights from its input ``x`` (full batch) and S x Cout ``target``.
 
-    ``relu``: ``(theta, sign, free)`` when the output reaches a ReLU: at ``free`` positions the
-    original's ReLU is off, and any prediction with ``sign * (pred - theta) <= 0`` (S x C) is as
-    good as the target, so those targets are replaced by the projection of the prediction.
+    ``relu``: ``(theta, sign, free)`` (S x C, C, S x C) when the output reaches a ReLU; see
+    :func:`_relu_rounds`.
     """
     if isinstance(module, nn.Linear):
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x.unsqueeze(1)
@@ -230,13 +233,14 @@ def _fit(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor,
         feats = torch.cat([feats, ones], dim=-1)
         b = module.bias.detach() if module.bias is not None else torch.zeros(module.weight.shape[0])
         w = torch.cat([w, b.to(w).reshape(groups, 1, -1)], dim=1)
-    new, info = _solve(feats.cpu(), y.cpu(), w.cpu(), fast)
+    if relu is not None:  # S x C -> g x S x C/g like ``y``; sign: C -> g x 1 x C/g
+        theta, sign, free = relu
+        relu = (theta.float().reshape(theta.shape[0], groups, -1).transpose(0, 1),
+                sign.float().reshape(groups, 1, -1), free.reshape(free.shape[0], groups, -1).transpose(0, 1))
+    new, info = _solve(feats.cpu(), y.cpu(), w.cpu(), fast, relu)
     info["status"] = "kept" if new is None else "refit"
     if new is None:
         return info
-    gram = info.pop("gram", None)
-    if relu is not None and relu[2].any():
-        new = _relu_aware(feats.cpu(), y.cpu(), w.cpu(), new, info.get("alpha", 1e-2), relu, groups, gram)
     new = new.to(module.weight.dtype).to(module.weight.device)
     if fit_bias:
         set_bias(module, new[:, -1, :].reshape(-1))
