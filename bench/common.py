@@ -30,7 +30,7 @@ def run_cifar(weights: str, budget: str, depth: int = 56, **overrides) -> tuple[
         settings = dict(
             model=f"{REPO / 'bench' / 'cifar_models.py'}:resnet{depth}",
             weights=MODELS / weights, budget=budget, out=Path(tmp) / "run", calib=TRAIN, eval=VAL,
-            mean=CIFAR_MEAN, std=CIFAR_STD, progress=False, iters=30, warmup=5,
+            mean=CIFAR_MEAN, std=CIFAR_STD, progress=False, iters=30, warmup=5, eval_before_recovery=True,
         )
         settings.update(overrides)
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def compress_command(
     eval: Path | None = typer.Option(None, "--eval", help="Labelled images in class folders (label = index of "
                                         "the sorted folder name) for top-1 accuracy."),
     eval_size: int | None = typer.Option(None, help="Use at most this many evaluation images [all]."),
+    eval_before_recovery: bool = typer.Option(False, help="Also report the accuracy right after pruning, "
+                                              "before recovery (one more pass over the --eval images)."),
     input_shape: str | None = typer.Option(None, help="CxHxW, e.g. 3x224x224 [from the calibration data]; "
                                               "images of another size are resized."),
     mean: str | None = typer.Option(None, help="Per-channel mean after scaling to [0,1] [ImageNet's]."),
@@ -119,7 +122,7 @@ def compress_command(
 
         config = CompressConfig(
             model=model, budget=budget, out=out, weights=weights, trust_pickle=trust_pickle, calib=calib,
-            calib_size=calib_size, eval=eval, eval_size=eval_size,
+            calib_size=calib_size, eval=eval, eval_size=eval_size, eval_before_recovery=eval_before_recovery,
             input_shape=parse_shape(input_shape) if input_shape else None,
             mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
             criterion=criterion, labels=labels,
@@ -229,8 +232,19 @@ def bench_command(
     typer.echo(json.dumps(result, indent=2))
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m compressor.cli`
-    sys.exit(app())
+def main() -> None:  # pragma: no cover - the `compress` console entry and `python -m compressor.cli`
+    """Run the CLI, then leave without tearing the interpreter down: every output is written and
+    closed by then, and freeing a run's tensors and modules one by one takes about a second."""
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,6 +26,8 @@ class CompressConfig:
         calib_size: Number of calibration images drawn at random (None: 1024).
         eval: Labelled images in class folders for top-1 accuracy; None skips accuracy.
         eval_size: Use at most this many evaluation images (None: all).
+        eval_before_recovery: Also measure the accuracy of the pruned model before recovery
+            (a diagnostic: one more pass over the evaluation images).
         input_shape: (C, H, W); None takes it from the calibration data.
         mean, std: Per-channel normalization (None: ImageNet's).
         criterion: Registry name of the channel criterion (None: the default).
@@ -56,6 +58,7 @@ class CompressConfig:
     calib_size: int | None = None
     eval: Path | None = None
     eval_size: int | None = None
+    eval_before_recovery: bool = False
     input_shape: tuple[int, int, int] | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None

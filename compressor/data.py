@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from compressor.archive import scan_tar
 from compressor.errors import CompressorError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHIVE_CACHE_BYTES = 512 * 2**20  # image bytes of a tar kept from the listing pass
 
 
 @dataclass(frozen=True)
@@ -77,27 +79,51 @@ def _label_of(relative: str, labelled: bool) -> str | None:
 
 
 class _Source:
-    """Lists image entries (relative names) and reads the bytes of a chosen subset."""
+    """Lists image entries (relative names) and reads the bytes of a chosen subset.
+
+    A plain or gzip tar that fits in memory is read in one fast pass (``archive.scan_tar``).
+    Otherwise it is streamed with tarfile: while listing it, the image bytes are kept (up to
+    ARCHIVE_CACHE_BYTES), so that reading the chosen subset needs no second pass.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.is_tar = not path.is_dir()
+        self.cache: dict[str, bytes | memoryview] | None = None
         if not self.is_tar:
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             self.entries = [str(p.relative_to(path)) for p in files]
             return
+        files = scan_tar(path)
+        if files is not None:
+            self.entries = sorted(n for n, _ in files if n.lower().endswith(IMAGE_SUFFIXES))
+            self.cache = {n: data for n, data in files if n.lower().endswith(IMAGE_SUFFIXES)}
+            return
+        names, cache, cached_bytes = [], {}, 0
         try:
-            with tarfile.open(path, "r:*") as tar:
-                names = [m.name for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+            with tarfile.open(path, "r|*") as tar:
+                for member in tar:
+                    if not (member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES)):
+                        continue
+                    names.append(member.name)
+                    if cache is not None:
+                        cached_bytes += member.size
+                        if cached_bytes > ARCHIVE_CACHE_BYTES:
+                            cache = None  # too large to hold: read_all streams the archive again
+                        else:
+                            cache[member.name] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as exc:
             reason = str(exc).splitlines()[0].rstrip(":")
             raise CompressorError(f"cannot read archive {str(path)!r} ({reason}); pass a valid .tar/.tar.gz") from exc
         self.entries = sorted(names)
+        self.cache = cache
 
     def read_all(self, wanted: list[str], progress) -> dict[str, bytes]:
-        """Bytes of every wanted entry; a tar is streamed once in archive order (no seeking)."""
+        """Bytes of every wanted entry; a tar not held in memory is streamed once in archive order."""
         if not self.is_tar:
             return {e: (self.path / e).read_bytes() for e in progress(wanted)}
+        if self.cache is not None:
+            return {e: bytes(self.cache[e]) for e in wanted}
         remaining = set(wanted)
         out: dict[str, bytes] = {}
         bar = progress(total=len(wanted))

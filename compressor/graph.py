@@ -125,6 +125,7 @@ class ChannelGraph:
     _norms: dict[str, bool] = field(default_factory=dict, repr=False)  # LayerNorm name -> channels_first
     _balance: dict[int, list[int]] = field(default_factory=dict, repr=False)  # group id -> conv-group per channel
     _check_ops: bool = field(default=True, repr=False)
+    _layers_of_group: dict[int, list[_Layer]] = field(default_factory=dict, repr=False)  # filled on first use
 
     @property
     def excluded(self) -> list[ChannelGroup]:
@@ -851,10 +852,16 @@ def _removed_by_dim(graph: ChannelGraph, removed: dict[int, list[int]]) -> dict[
     return by_dim
 
 
-def apply_plan(graph: ChannelGraph, plan: Plan) -> PrunedModel:
-    """Physically remove every channel not kept by ``plan``, on a deep copy."""
+def apply_plan(graph: ChannelGraph, plan: Plan, *, share_untouched: bool = False) -> PrunedModel:
+    """Physically remove every channel not kept by ``plan``, on a deep copy.
+
+    ``share_untouched``: copy only the module structure and let modules the plan does not touch
+    share their tensors with ``graph.model`` (several times faster than a deep copy; for throw-away
+    probes that change nothing but the touched modules). Parameters then keep their
+    ``requires_grad`` flags.
+    """
     removed = _removed(graph, plan)
-    model = copy.deepcopy(graph.model).eval()
+    model = (_structural_copy(graph.model) if share_untouched else copy.deepcopy(graph.model)).eval()
     grouped = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                for name, m in model.named_modules() if _is_grouped(m)}
     if removed:
@@ -883,9 +890,40 @@ def apply_plan(graph: ChannelGraph, plan: Plan) -> PrunedModel:
             kept[name]["in"] = kept[name]["out"]
     _rebuild_grouped(model, grouped, kept)
     _check_kept(model, kept)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if share_untouched:
+        _own_tensors(model, graph.model, kept)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
     return PrunedModel(model=model.eval(), kept=kept, plan=normalize_plan(graph, plan))
+
+
+def _structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of the module tree whose parameters and buffers are the original's tensors.
+
+    Pruning replaces tensors rather than writing into them, so the original is left intact;
+    containers (hooks, parameter and buffer dicts) are copied so registering on the copy does not
+    reach the original.
+    """
+    new = object.__new__(type(module))
+    for key, value in module.__dict__.items():
+        new.__dict__[key] = type(value)(value) if isinstance(value, (dict, set, list)) else value
+    new._modules = {k: None if m is None else _structural_copy(m) for k, m in module._modules.items()}
+    return new
+
+
+def _own_tensors(model: nn.Module, original: nn.Module, kept: dict[str, dict[str, list[int]]]) -> None:
+    """Give every module the plan touched its own copy of tensors still shared with ``original``."""
+    shared = {id(t) for t in (*original.parameters(), *original.buffers())}
+    for name in kept:
+        module = lookup(model, name)
+        if not isinstance(module, nn.Module):
+            continue
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is not None and id(t) in shared:
+                    clone = t.detach().clone()
+                    table[key] = nn.Parameter(clone, requires_grad=False) if isinstance(t, nn.Parameter) else clone
 
 
 def _rebuild_grouped(model: nn.Module, snapshots: dict, kept: dict[str, dict[str, list[int]]]) -> None:
@@ -1041,10 +1079,25 @@ def estimate_macs(graph: ChannelGraph, kept_counts: dict[int, int]) -> int:
 
     Counts convolution and linear layers (as :func:`count_macs_params` does).
     """
+    return _rows_macs(graph, graph._layers, kept_counts)
+
+
+def estimate_macs_change(graph: ChannelGraph, kept_counts: dict[int, int], group_id: int, count: int) -> int:
+    """``estimate_macs`` with group ``group_id`` at ``count`` minus ``estimate_macs`` at ``kept_counts``,
+    summed over the layers that group touches only (a greedy search asks this thousands of times)."""
+    if not graph._layers_of_group:
+        for row in graph._layers:
+            for gid in {gid for gid, _ in (*row.out_terms, *row.in_terms)}:
+                graph._layers_of_group.setdefault(gid, []).append(row)
+    rows = graph._layers_of_group.get(group_id, [])
+    return _rows_macs(graph, rows, {**kept_counts, group_id: count}) - _rows_macs(graph, rows, kept_counts)
+
+
+def _rows_macs(graph: ChannelGraph, rows, kept_counts: dict[int, int]) -> int:
     total = 0
     groups = graph.groups
     get = kept_counts.get
-    for row in graph._layers:
+    for row in rows:
         out = row.out_fixed
         for gid, k in row.out_terms:
             out += get(gid, groups[gid].size) * k

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from compressor import budget as budget_mod
+from compressor import evaluate, widths
 from compressor import graph as graph_mod
-from compressor import widths
 from compressor.config import DEFAULT_CALIB_SIZE, DEFAULT_CRITERION, CompressConfig
 from compressor.criteria import ScoringContext, get_criterion
 from compressor.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_images
@@ -54,17 +54,12 @@ class Stages:
         return time.perf_counter() - self._start
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Logits of ``model`` over ``images`` in batches (eval mode, CPU; small batches are faster there)."""
-    model.eval()
-    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
-def accuracy(model: nn.Module, data: ImageSet) -> float:
-    """Top-1 accuracy on labelled data."""
-    logits = predict(model, data.images)
-    return float((logits.argmax(1) == data.labels).float().mean())
+def accuracy(model: nn.Module, data: ImageSet, used: set[str] | None = None) -> float:
+    """Top-1 accuracy on labelled data; the backend that ran it is added to ``used``."""
+    value, backend = evaluate.accuracy(model, data.images, data.labels)
+    if used is not None:
+        used.add(backend)
+    return value
 
 
 def prepare_output(out: Path, force: bool) -> Path:
@@ -180,9 +175,10 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     soundness_inputs = (calib.images if calib is not None else torch.randn(8, *input_shape))[:16]
 
     acc = {}
+    eval_backends: set[str] = set()
     if evaluation is not None:
         with stages.stage("evaluate", "measuring the original model's accuracy"):
-            acc["original"] = accuracy(original, evaluation)
+            acc["original"] = accuracy(original, evaluation, eval_backends)
     with stages.stage("score", f"scoring channels with {criterion.name}"):
         ctx = ScoringContext(
             model=original, groups=graph.groups, calib=calib.images if calib is not None else None,
@@ -200,15 +196,15 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         raise BudgetError(f"the pruned model keeps {macs1 / macs0:.1%} of the FLOPs, above the budget {budget.text}")
     with stages.stage("soundness", "checking the pruned model against the masked original"):
         diff = graph_mod.soundness_diff(graph, plan, pruned.model, soundness_inputs)
-        scale = float(predict(original, soundness_inputs).abs().max())
+        scale = float(evaluate.predict(original, soundness_inputs).abs().max())
         if not diff <= SOUNDNESS_TOLERANCE * max(1.0, scale):
             raise CompressorError(
                 f"soundness check failed: pruned model differs from the masked original by {diff:.3g}; "
                 "report this model; --ignore the layers around the offending op to work around it"
             )
-    if evaluation is not None:
+    if evaluation is not None and config.eval_before_recovery:
         with stages.stage("evaluate", "measuring accuracy before recovery"):
-            acc["before_recovery"] = accuracy(pruned.model, evaluation)
+            acc["before_recovery"] = accuracy(pruned.model, evaluation, eval_backends)
     from compressor.recovery.recipe import DATA_FREE_RECIPE, DEFAULT_RECIPE, run_recipe
 
     recipe = config.recovery_recipe
@@ -227,7 +223,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     recovered = pruned.model.eval()
     if evaluation is not None:
         with stages.stage("evaluate", "measuring accuracy after recovery"):
-            acc["pruned"] = accuracy(recovered, evaluation)
+            acc["pruned"] = accuracy(recovered, evaluation, eval_backends)
         drop = 100 * (acc["original"] - acc["pruned"])
         if config.max_accuracy_drop is not None and drop > config.max_accuracy_drop:
             raise BudgetError(
@@ -265,7 +261,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         "candidates": candidates,
     })
     if acc:
-        report.data["accuracy"] = acc
+        report.data["accuracy"] = {**acc, "backend": " + ".join(sorted(eval_backends))}
     report.data.update(latency_info)
     report.data["plots"] = deploy.plots(report.data, tmp)
     timings = {k: round(v, 3) for k, v in stages.timings.items()}
@@ -310,4 +306,4 @@ def pruning_record(config: CompressConfig, graph, plan, kept) -> dict:
     }
 
 
-__all__ = ["run", "accuracy", "predict"]
+__all__ = ["run", "accuracy"]

@@ -54,9 +54,10 @@ class Report:
         ]
         acc = d.get("accuracy")
         if acc:
+            before = f"pruned {acc['before_recovery']:.2%}, " if "before_recovery" in acc else ""
             lines.append(
-                f"top-1 accuracy: original {acc['original']:.2%}, pruned {acc['before_recovery']:.2%}, "
-                f"recovered {acc['pruned']:.2%}"
+                f"top-1 accuracy: original {acc['original']:.2%}, {before}recovered {acc['pruned']:.2%} "
+                f"(in {acc.get('backend', 'torch')})"
             )
         lat = d.get("latency")
         if lat:
@@ -96,8 +97,11 @@ def render_markdown(d: dict[str, Any]) -> str:
     acc = d.get("accuracy")
     if acc:
         out += ["", "| top-1 accuracy | value |", "| --- | ---: |"]
-        out += [f"| original | {acc['original']:.2%} |", f"| pruned, before recovery | {acc['before_recovery']:.2%} |"]
+        out += [f"| original | {acc['original']:.2%} |"]
+        if "before_recovery" in acc:
+            out += [f"| pruned, before recovery | {acc['before_recovery']:.2%} |"]
         out += [f"| pruned, after recovery | {acc['pruned']:.2%} |"]
+        out += ["", f"Accuracy computed in {acc.get('backend', 'torch')}."]
     s = d["soundness"]
     out += ["", "## Soundness", "", f"Pruned model vs original with removed channels zeroed: max |diff| = "
             f"{s['max_abs_diff']:.3g}."]

@@ -70,7 +70,7 @@ class _Prober:
                 self.ref = graph.model(self.probe)
 
     def distortion(self, plan: dict[int, torch.Tensor], refit: bool = True) -> float:
-        pruned = graph_mod.apply_plan(self.graph, plan)
+        pruned = graph_mod.apply_plan(self.graph, plan, share_untouched=True)
         model, kept = pruned.model.eval(), pruned.kept
         with torch.no_grad():
             if self.gm is None:
@@ -278,30 +278,32 @@ def _top(score: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(torch.argsort(score.double(), descending=True, stable=True)[:count]).values
 
 
-def _greedy(by_id, curves, floor, estimate, target_macs) -> tuple[dict[int, int], float]:
+def _greedy(by_id, curves, floor, estimate, change, target_macs) -> tuple[dict[int, int], float]:
     """From full width, repeatedly take one step of channels from the group whose (interpolated)
-    distortion rises least per MAC saved, until the estimate meets ``target_macs``."""
+    distortion rises least per MAC saved, until the estimate meets ``target_macs``.
+
+    ``change(counts, gid, new)``: the estimate's change when group ``gid`` goes to ``new`` channels.
+    """
     counts = {gid: g.size for gid, g in by_id.items()}
     current = estimate(counts)
     while current > target_macs:
-        best_cost, best_counts, best_macs = math.inf, None, None
+        best_cost, best_step = math.inf, None
         for gid, count in counts.items():
             g = by_id[gid]
             new = budget_mod._round_count(g, count - max(1, g.multiple))
             if new >= count or new < floor[gid]:
                 continue
-            trial = dict(counts)
-            trial[gid] = new
-            macs = estimate(trial)
-            saved = current - macs
+            saved = -change(counts, gid, new)
             if saved <= 0:
                 continue
             cost = (_interp(curves[gid], new) - _interp(curves[gid], count)) / saved
             if cost < best_cost:
-                best_cost, best_counts, best_macs = cost, trial, macs
-        if best_counts is None:  # cannot shrink further (should not happen after the floor check)
+                best_cost, best_step = cost, (gid, new, saved)
+        if best_step is None:  # cannot shrink further (should not happen after the floor check)
             raise BudgetError(f"budget unreachable: {current:.3g} MACs > target {target_macs:.3g}")
-        counts, current = best_counts, best_macs
+        gid, new, saved = best_step
+        counts = {**counts, gid: new}
+        current -= saved
     return counts, current
 
 
@@ -327,6 +329,7 @@ def allocate_widths(
     prunable = [g for g in groups if g.prunable]
     floor = budget_mod.min_counts(groups)
     estimate = lambda counts: graph_mod.estimate_macs(graph, counts)  # noqa: E731
+    change = lambda counts, gid, new: graph_mod.estimate_macs_change(graph, counts, gid, new)  # noqa: E731
     if estimate(floor) > target_macs:
         raise BudgetError(
             f"budget unreachable: even the narrowest allowed widths keep {estimate(floor):.3g} MACs "
@@ -340,7 +343,7 @@ def allocate_widths(
     curves = probe_sensitivity(graph, scores, calib, device=device, progress=progress, prober=prober)
     by_id = {g.id: g for g in prunable}
     for round_ in range(MAX_REFINE_ROUNDS + 1):
-        counts, current = _greedy(by_id, curves, floor, estimate, target_macs)
+        counts, current = _greedy(by_id, curves, floor, estimate, change, target_macs)
         # a width below the narrowest probe rests on extrapolation: measure it and decide again
         unmeasured = [gid for gid, count in counts.items() if count < curves[gid][-1][0]]
         if not unmeasured or round_ == MAX_REFINE_ROUNDS:

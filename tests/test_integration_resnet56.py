@@ -15,7 +15,7 @@ def test_resnet56_half_flops_end_to_end(tmp_path, cifar_resnet_file, resnet56_we
         f"{cifar_resnet_file}:CifarResNet", "--weights", str(resnet56_weights), "--budget", "50%flops",
         "--calib", str(cifar_train_tar), "--calib-size", "256", "--eval", str(cifar_val_tar), "--eval-size", "1000",
         "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--device", "cpu", "--out", str(out),
-        "--iters", "5", "--warmup", "2", "--quiet",
+        "--eval-before-recovery", "--iters", "5", "--warmup", "2", "--quiet",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -28,7 +28,7 @@ def test_resnet56_half_flops_end_to_end(tmp_path, cifar_resnet_file, resnet56_we
     assert report["export"]["onnx"]["max_abs_diff"] <= 1e-4
     assert report["export"]["onnx"]["top1_agreement"] == 1.0
     acc = report["accuracy"]
-    assert set(acc) == {"original", "before_recovery", "pruned"}
+    assert set(acc) == {"original", "before_recovery", "pruned", "backend"}
     assert acc["original"] > 0.8
     assert acc["pruned"] >= acc["before_recovery"]
     for name in ("model.onnx", "model.pt2", "pruning.json", "report.md"):

@@ -108,10 +108,11 @@ def _solve(
         g, b = gram(x, y)
         return _relu_rounds(x, y, w_old, _ridge_solve(g, b, 1e-2, w_old), g, 1e-2, relu), {"alpha": 1e-2}
     g_t, b_t = gram(x[:, ~hold], y[:, ~hold])
-    xh, yh = x[:, hold].double(), y[:, hold].double()
+    g_h, b_h = gram(x[:, hold], y[:, hold])
+    energy = float((y[:, hold].double() ** 2).sum())
 
-    def err(w):
-        return float(((yh - xh @ w) ** 2).sum())
+    def err(w):  # squared error on the held-out positions, from their Gram matrices
+        return float((w * (g_h @ w)).sum() - 2 * (w * b_h).sum()) + energy
 
     base = err(w_old)
     best_alpha, best = None, base
@@ -131,10 +132,9 @@ def _solve(
         if e == e and e < best:
             best_alpha, best = alpha, e
     info = {"err_before": base / max(1, int(hold.sum())), "err_after": best / max(1, int(hold.sum())),
-            "energy": float((yh**2).sum()) / max(1, int(hold.sum()))}
+            "energy": energy / max(1, int(hold.sum()))}
     if best_alpha is None:
         return None, info
-    g_h, b_h = gram(x[:, hold], y[:, hold])
     info["alpha"] = best_alpha
     g = g_t + g_h
     return _relu_rounds(x, y, w_old, _ridge_solve(g, b_t + b_h, best_alpha, w_old), g, best_alpha, relu), info
@@ -297,9 +297,12 @@ def refit_layers(
         return {}
     opts = dict(fit_bias=fit_bias, per_dim=samples_per_dim, lo=min_samples, hi=max_samples, seed=seed)
     traced = _trace_pair(original, pruned) if residual else None
+    calib = calib.to(device)
+    if calib.dim() == 4:  # channels-last activations: the full-batch convolutions run about 25% faster on a CPU
+        calib = calib.contiguous(memory_format=torch.channels_last)
     if traced is not None:
-        return _refit_fx(original, pruned, kept, calib.to(device), set(names), traced, **opts)
-    return _refit_hooks(original, pruned, kept, calib.to(device), names, **opts)
+        return _refit_fx(original, pruned, kept, calib, set(names), traced, **opts)
+    return _refit_hooks(original, pruned, kept, calib, names, **opts)
 
 
 def _refit_hooks(original, pruned, kept, calib, names, *, fit_bias, per_dim, lo, hi, seed) -> dict[str, dict]:
@@ -521,11 +524,13 @@ def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim
                 comp = None
                 if partner is not None and partner in env_p and to_orig[partner] in env_o:
                     b_o, b_p = env_o[to_orig[partner]], env_p[partner]
-                    ch = kept.get(bn.target if bn is not None else name, {}).get("out")
-                    if ch is not None and b_o.dim() >= 2:
-                        b_o = b_o[:, torch.as_tensor(ch, dtype=torch.long, device=b_o.device)]
-                    if b_o.shape == b_p.shape and b_o.shape[1] == target.shape[1]:
-                        comp = _at(b_o - b_p, module, n, hw)
+                    if b_o.dim() == b_p.dim() >= 2 and b_o.shape[2:] == b_p.shape[2:]:
+                        s_o, s_p = _at(b_o, module, n, hw), _at(b_p, module, n, hw)  # S x C: sampled only
+                        ch = kept.get(bn.target if bn is not None else name, {}).get("out")
+                        if ch is not None:
+                            s_o = s_o[:, torch.as_tensor(ch, dtype=torch.long, device=s_o.device)]
+                        if s_o.shape == s_p.shape and s_o.shape[1] == target.shape[1]:
+                            comp = s_o - s_p
                 if bn is not None:
                     bn_name = bn.target
                     a_o, c_o = _bn_affine(gm_o.get_submodule(bn_name), kept.get(bn_name, {}).get("out"))
@@ -535,7 +540,7 @@ def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim
                     target = target + comp
                 relu = None
                 if RELU_AWARE and _feeds_relu(node, bn, partner, gm_p) and (partner is None or comp is not None):
-                    shortcut = _at(b_p, module, n, hw) if partner is not None else None
+                    shortcut = s_p if partner is not None else None
                     relu = _relu_threshold(target, a_p if bn is not None else None,
                                            c_p if bn is not None else None, shortcut)
                 x = fx.node.map_arg(node.args, lambda a: env_p[a])[0]

@@ -68,7 +68,7 @@ def test_compress_help_lists_registry_choices_and_defaults():
     for name in list_criteria() + list_recoveries():
         assert name in text, name
     # bracketed defaults survive (no markup processing swallows them)
-    assert "[bn,lsq with --calib, else datafree]" in text and "[sensitivity with --calib, else global]" in text
+    assert "[lsq with --calib, else datafree]" in text and "[sensitivity with --calib, else global]" in text
 
 
 def test_criteria_lists_registry():
@@ -161,7 +161,7 @@ def test_end_to_end_small_network(workspace):
     import json
 
     out = workspace / "out"
-    eval_args = ["--eval", workspace / "calib"]
+    eval_args = ["--eval", workspace / "calib", "--eval-before-recovery"]
     result = invoke(*base_args(workspace, out), *eval_args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
@@ -169,7 +169,8 @@ def test_end_to_end_small_network(workspace):
     assert report["macs"]["ratio"] == pytest.approx(report["flops"]["ratio"])
     assert report["soundness"]["max_abs_diff"] < 1e-4
     assert report["export"]["onnx"]["max_abs_diff"] <= 1e-4
-    assert set(report["accuracy"]) == {"original", "before_recovery", "pruned"}
+    assert set(report["accuracy"]) == {"original", "before_recovery", "pruned", "backend"}
+    assert report["accuracy"]["backend"] == "onnxruntime"
     program = torch.export.load(out / "model.pt2").module()
     x = torch.randn(3, 3, 16, 16)
     import onnxruntime as ort
@@ -196,3 +197,18 @@ def test_latency_budget_on_cpu_is_met(workspace):
     assert budget["kind"] == "speedup"
     assert budget["achieved_ms"] <= budget["target_ms"] == pytest.approx(budget["original_ms"] / 1.3)
     assert budget["achieved_flops_ratio"] < 1.0
+
+
+def test_console_entry_keeps_output_and_exit_codes(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+
+    listed = run("criteria")
+    assert listed.returncode == 0 and "l1" in listed.stdout  # flushed before the fast exit
+    missing = run("no-such-model.pt", "--budget", "50%flops", "--out", str(tmp_path / "out"))
+    assert missing.returncode == 1 and missing.stderr.splitlines()[-1].startswith("error: model file")
+    assert run("--no-such-option").returncode == 2

@@ -38,6 +38,21 @@ def test_tar_subset_is_seeded(tmp_path):
     assert not torch.equal(a.images, c.images)
 
 
+@pytest.mark.parametrize("reader", ["scan", "tarfile-held-in-memory", "tarfile-streamed-twice"])
+def test_tar_reads_the_same_subset_as_the_folder(tmp_path, monkeypatch, reader):
+    if reader != "scan":
+        monkeypatch.setattr("compressor.data.scan_tar", lambda path: None)
+        monkeypatch.setattr("compressor.data.ARCHIVE_CACHE_BYTES", 2**30 if reader.endswith("memory") else 0)
+    _write(tmp_path / "src", n=10)
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src", arcname="train")
+    from_tar = load_images(archive, limit=4, seed=3, labelled=True)
+    from_folder = load_images(tmp_path / "src", limit=4, seed=3, labelled=True)
+    assert torch.equal(from_tar.images, from_folder.images)
+    assert torch.equal(from_tar.labels, from_folder.labels)
+
+
 def test_tensor_file(tmp_path):
     torch.save(torch.randn(5, 3, 4, 4), tmp_path / "x.pt")
     np.save(tmp_path / "x.npy", np.zeros((2, 3, 4, 4), dtype=np.float32))

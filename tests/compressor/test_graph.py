@@ -92,6 +92,31 @@ def test_cifar_prune_is_sound(cifar):
     assert graph.model.get_submodule("layer1.0.conv1").out_channels == 16
 
 
+@pytest.mark.parametrize("root", ["0", "3"])
+def test_shared_copy_prunes_alike_and_leaves_the_original_intact(root):
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(6, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4),
+    ))
+    graph = G.build_graph(model, torch.randn(1, 3, 8, 8))
+    group = next(g for g in graph.groups if g.root == root)
+    plan = {group.id: torch.arange(0, group.size, 2)}
+    before = {k: v.clone() for k, v in graph.model.state_dict().items()}
+    deep = G.apply_plan(graph, plan)
+    shared = G.apply_plan(graph, plan, share_untouched=True)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(deep.model(x), shared.model(x))
+        for name in shared.kept:  # what a probe's refit does: write into the touched modules (biases included)
+            for t in shared.model.get_submodule(name).parameters(recurse=False):
+                t.add_(1)
+    after = graph.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert graph.model.get_submodule(root).out_channels == group.size
+    assert shared.model.get_submodule("8").weight is graph.model.get_submodule("8").weight  # untouched: shared
+
+
 def test_cifar_estimate_matches_exact(cifar):
     _, graph = cifar
     for seed, ratio in [(0, 0.5), (1, 0.3), (2, 0.8)]:
@@ -177,6 +202,16 @@ def test_resnet18_sound_onnx_export_and_kept(resnet18):
             assert len(rec["out"]) == getattr(mod, "out_channels", getattr(mod, "num_features", None))
         if "in" in rec and isinstance(mod, nn.Conv2d):
             assert len(rec["in"]) == mod.in_channels
+
+
+@pytest.mark.parametrize("fixture", ["cifar", "resnet18"])
+def test_estimate_change_is_the_difference_of_estimates(fixture, request):
+    _, graph = request.getfixturevalue(fixture)
+    counts = {k: len(v) for k, v in G.random_plan(graph, 0.6, seed=4).items()}
+    for group in (g for g in graph.groups if g.prunable):
+        for new in (1, group.size // 3, group.size):
+            changed = G.estimate_macs(graph, {**counts, group.id: new}) - G.estimate_macs(graph, counts)
+            assert G.estimate_macs_change(graph, counts, group.id, new) == changed
 
 
 def test_resnet18_estimate_is_fast_and_exact(resnet18):

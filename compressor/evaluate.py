@@ -1,0 +1,86 @@
+"""Top-1 accuracy over labelled images, run in onnxruntime when it can be, else in PyTorch.
+
+On a CPU, onnxruntime runs these networks about twice as fast as eager PyTorch (ResNet-56,
+5,000 CIFAR images on 2 cores: 8.8 s against 17 s), and evaluation is run up to three times in
+a ``compress`` run (original, before and after recovery). The model is exported to a temporary
+ONNX file first (about a second); the figure is then the accuracy of the exported graph, which
+the export stage checks against PyTorch anyway. A model on a GPU, or one that does not export,
+is evaluated in PyTorch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+TORCH_BATCH = 64  # small batches are faster for eager PyTorch on a CPU
+ORT_BATCH = 256
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = TORCH_BATCH) -> torch.Tensor:
+    """Logits of ``model`` over ``images`` in PyTorch, in batches, in eval mode, on the model's device."""
+    model.eval()
+    device = _device_of(model)
+    return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
+
+
+def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int = ORT_BATCH) -> torch.Tensor:
+    """Logits of ``model`` exported to ONNX and run in onnxruntime (CPU), in batches.
+
+    Raises:
+        CompressorError: the model does not export, or onnxruntime cannot run it.
+        ImportError: onnxruntime is not installed.
+    """
+    import onnxruntime  # noqa: F401 - fail early, before exporting
+
+    from export.onnx import INPUT_NAME, export_onnx, ort_session
+
+    with tempfile.TemporaryDirectory(prefix="compressor-eval-") as folder:
+        path = export_onnx(model, images[:1], Path(folder) / "model.onnx")
+        session = ort_session(path)
+        batches = []
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size].detach().cpu().float().contiguous().numpy()
+            batches.append(torch.from_numpy(session.run(None, {INPUT_NAME: batch})[0]))
+    return torch.cat(batches)
+
+
+def logits(model: nn.Module, images: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, str]:
+    """Logits and the backend that computed them (``"onnxruntime"`` or ``"torch"``).
+
+    ``auto`` uses onnxruntime for a model on the CPU and falls back to PyTorch when the export
+    or onnxruntime fails; ``onnxruntime`` raises instead of falling back.
+    """
+    if backend not in BACKENDS:
+        raise CompressorError(f"evaluation backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime" or (backend == "auto" and _device_of(model).type == "cpu"):
+        try:
+            return predict_onnxruntime(model, images), "onnxruntime"
+        except (CompressorError, ImportError):
+            if backend == "onnxruntime":
+                raise
+    return predict(model, images), "torch"
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, backend: str = "auto") -> tuple[float, str]:
+    """Top-1 accuracy of ``model`` on ``images``/``labels`` and the backend that ran it."""
+    if len(images) != len(labels):
+        raise CompressorError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
+    out, used = logits(model, images, backend)
+    if out.dim() != 2:
+        raise CompressorError(f"accuracy needs N x classes logits, the model returned shape {tuple(out.shape)}")
+    return float((out.argmax(1) == labels).float().mean()), used
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
