@@ -74,7 +74,8 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "# Channel criteria on CIFAR ResNets",
         "",
         "One `compressor.pipeline.run` per row: global width ranking (`--allocation global`), FLOPs budget, "
-        "recovery `none` (accuracy before recovery) and the default recipe (`lsq` + `bn`, after recovery) "
+        "recovery `none` (accuracy before recovery) and the default recipe (after recovery; `bn` then `lsq` in "
+        "the rows measured before 2026-11-23, `lsq` alone since, which ties it) "
         "from the same run. Calibration images: a seeded random subset (seed 0) of `train.tar.gz`; accuracy "
         f"on {'all 5,000' if eval_size is None else f'{eval_size:,} (seeded subset) of the'} `val.tar.gz` images. "
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "
