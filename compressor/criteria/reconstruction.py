@@ -76,7 +76,7 @@ def _grams(model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) 
                 flat = torch.randperm(len(x) * out_h * out_w, generator=gen)[:take].to(x.device)
                 feats = _conv_patches(module, x, flat // (out_h * out_w), flat % (out_h * out_w), out_w)[:, 0]
             feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)
-            g = (feats.T.double() @ feats.double()).cpu()
+            g = (feats.T @ feats).double().cpu()  # float32 product: 4x faster, ample for a ranking
             grams[name] = grams[name] + g if name in grams else g
             rows[name] = rows.get(name, 0) + len(feats)
 
@@ -88,7 +88,10 @@ def _grams(model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) 
         with torch.no_grad():
             step = max(1, ctx.batch_size * 4)
             for start in range(0, len(calib), step):
-                model(calib[start : start + step].to(ctx.device).float())
+                batch = calib[start : start + step].to(ctx.device).float()
+                if batch.dim() == 4:  # channels-last activations: faster convolutions on a CPU
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                model(batch)
     finally:
         for h in handles:
             h.remove()
