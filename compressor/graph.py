@@ -858,13 +858,16 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, share_untouched: bool = False
     ``share_untouched``: copy only the module structure and let modules the plan does not touch
     share their tensors with ``graph.model`` (several times faster than a deep copy; for throw-away
     probes that change nothing but the touched modules). Parameters then keep their
-    ``requires_grad`` flags.
+    ``requires_grad`` flags. When every touched module is a plain convolution, linear layer or
+    BatchNorm, their tensors are sliced directly instead of building torch-pruning's graph.
     """
     removed = _removed(graph, plan)
+    by_dim = _removed_by_dim(graph, removed)
+    kept = _kept_records(graph, by_dim)
     model = (_structural_copy(graph.model) if share_untouched else copy.deepcopy(graph.model)).eval()
-    grouped = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-               for name, m in model.named_modules() if _is_grouped(m)}
-    if removed:
+    if removed and not (share_untouched and _slice_directly(model, by_dim, kept)):
+        grouped = {name: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+                   for name, m in model.named_modules() if _is_grouped(m)}
         dg = _build_dg(model, graph.example_input, graph._check_ops)
         for gid in sorted(removed):
             group = graph.groups[gid]
@@ -875,20 +878,7 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, share_untouched: bool = False
             with _safe_reshape_mapping():
                 tp_group = dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
             tp_group.prune()
-    kept: dict[str, dict[str, list[int]]] = {}
-    for (name, kind), drop in _removed_by_dim(graph, removed).items():
-        if not drop:
-            continue
-        obj = lookup(model, name)
-        if obj is None or isinstance(obj, ChannelScatter):
-            continue
-        size = graph._dims.get((name, kind))
-        if size is None:
-            continue
-        kept.setdefault(name, {})[kind] = [i for i in range(size) if i not in drop]
-        if isinstance(obj, nn.Module) and _is_depthwise(graph.model.get_submodule(name)):
-            kept[name]["in"] = kept[name]["out"]
-    _rebuild_grouped(model, grouped, kept)
+        _rebuild_grouped(model, grouped, kept)
     _check_kept(model, kept)
     if share_untouched:
         _own_tensors(model, graph.model, kept)
@@ -896,6 +886,64 @@ def apply_plan(graph: ChannelGraph, plan: Plan, *, share_untouched: bool = False
         for p in model.parameters():
             p.requires_grad_(False)
     return PrunedModel(model=model.eval(), kept=kept, plan=normalize_plan(graph, plan))
+
+
+def _kept_records(graph: ChannelGraph, by_dim: dict[tuple[str, str], set[int]]) -> dict[str, dict[str, list[int]]]:
+    """``PrunedModel.kept``: kept indices of every changed module dimension, in the original's numbering."""
+    kept: dict[str, dict[str, list[int]]] = {}
+    for (name, kind), drop in by_dim.items():
+        if not drop:
+            continue
+        obj = lookup(graph.model, name)
+        if obj is None or isinstance(obj, ChannelScatter):
+            continue
+        size = graph._dims.get((name, kind))
+        if size is None:
+            continue
+        kept.setdefault(name, {})[kind] = [i for i in range(size) if i not in drop]
+        if isinstance(obj, nn.Module) and _is_depthwise(obj):
+            kept[name]["in"] = kept[name]["out"]
+    return kept
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _slice_directly(model: nn.Module, by_dim: dict[tuple[str, str], set[int]],
+                    kept: dict[str, dict[str, list[int]]]) -> bool:
+    """Slice the kept channels out of ``model`` (a structural copy) when every changed module is an
+    ungrouped convolution, a linear layer or a BatchNorm; False (nothing changed) otherwise."""
+    modules = {name: lookup(model, name) for (name, _), drop in by_dim.items() if drop}
+    for module in modules.values():
+        plain_conv = type(module) in _PLAIN_CONVS and module.groups == 1
+        if not (plain_conv or type(module) in (nn.Linear, *_PLAIN_NORMS)):
+            return False
+    if set(kept) != set(modules):
+        return False
+    for name, dims in kept.items():
+        module = modules[name]
+        for kind, keep in dims.items():
+            index = torch.as_tensor(keep, dtype=torch.long)
+            if type(module) in _PLAIN_NORMS:
+                for key in ("weight", "bias"):
+                    if module._parameters.get(key) is not None:
+                        module._parameters[key] = nn.Parameter(module._parameters[key].detach()[index],
+                                                               requires_grad=False)
+                for key in ("running_mean", "running_var"):
+                    if module._buffers.get(key) is not None:
+                        module._buffers[key] = module._buffers[key][index]
+                module.num_features = len(keep)
+                continue
+            dim = 0 if kind == "out" else 1
+            module._parameters["weight"] = nn.Parameter(module.weight.detach().index_select(dim, index),
+                                                        requires_grad=False)
+            if kind == "out" and module.bias is not None:
+                module._parameters["bias"] = nn.Parameter(module.bias.detach()[index], requires_grad=False)
+            attr = {("out", True): "out_features", ("in", True): "in_features",
+                    ("out", False): "out_channels", ("in", False): "in_channels"}[kind, isinstance(module, nn.Linear)]
+            setattr(module, attr, len(keep))
+    return True
 
 
 def _structural_copy(module: nn.Module) -> nn.Module:

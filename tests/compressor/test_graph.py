@@ -117,6 +117,33 @@ def test_shared_copy_prunes_alike_and_leaves_the_original_intact(root):
     assert shared.model.get_submodule("8").weight is graph.model.get_submodule("8").weight  # untouched: shared
 
 
+@pytest.mark.parametrize("arch", ["cifar_resnet20", "resnet18", "mobilenet_v2"])
+def test_shared_copy_equals_the_deep_copy_for_every_group(arch, monkeypatch):
+    """The probes' fast path (direct slicing, or torch-pruning on a structural copy) prunes exactly as
+    the deep path does, group by group."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = load_cifar_resnet(20) if arch == "cifar_resnet20" else getattr(torchvision.models, arch)(num_classes=10)
+    graph = G.build_graph(randomize_bn(model).eval(), torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    builds = []
+    build_dg = G._build_dg
+    monkeypatch.setattr(G, "_build_dg", lambda *a: builds.append(1) or build_dg(*a))
+    prunable = [g for g in graph.groups if g.prunable]
+    for group in prunable:
+        plan = {group.id: torch.randperm(group.size, generator=torch.Generator().manual_seed(group.id))[
+            : max(1, group.size // 3)].sort().values}
+        deep = G.apply_plan(graph, plan)
+        shared = G.apply_plan(graph, plan, share_untouched=True)
+        assert shared.kept == deep.kept, group.root
+        with torch.no_grad():
+            assert torch.allclose(shared.model(x), deep.model(x), atol=1e-5), group.root
+    # one build per deep copy; the shared copies of plain conv/BN/linear groups slice directly
+    direct = len(prunable) - (len(builds) - len(prunable))
+    assert direct >= (1 if arch == "mobilenet_v2" else len(prunable) // 2)
+
+
 def test_cifar_estimate_matches_exact(cifar):
     _, graph = cifar
     for seed, ratio in [(0, 0.5), (1, 0.3), (2, 0.8)]:
