@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 BACKENDS = ("auto", "onnxruntime", "torch")
 TORCH_BATCH = 64  # small batches are faster for eager PyTorch on a CPU
 ORT_BATCH = 256
+ORT_BATCH_ELEMENTS = 1 << 22  # at most 16 MB of float32 input a batch: large images get smaller batches
 
 
 @torch.no_grad()
@@ -31,8 +32,10 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = TORCH_BATC
     return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
-def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int = ORT_BATCH) -> torch.Tensor:
+def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Logits of ``model`` exported to ONNX and run in onnxruntime (CPU), in batches.
+
+    ``batch_size`` defaults to ORT_BATCH images, fewer when they are large (ORT_BATCH_ELEMENTS).
 
     Raises:
         CompressorError: the model does not export, or onnxruntime cannot run it.
@@ -42,6 +45,8 @@ def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int 
 
     from export.onnx import INPUT_NAME, export_onnx, ort_session
 
+    if batch_size is None:
+        batch_size = max(1, min(ORT_BATCH, ORT_BATCH_ELEMENTS // max(1, images[0].numel())))
     with tempfile.TemporaryDirectory(prefix="compressor-eval-") as folder:
         path = export_onnx(model, images[:1], Path(folder) / "model.onnx")
         session = ort_session(path)

@@ -44,3 +44,18 @@ def test_bad_input_is_rejected():
         evaluate.accuracy(model, images, torch.zeros(3, dtype=torch.long))
     with pytest.raises(CompressorError, match="'tensorrt' is unknown"):
         evaluate.logits(model, images, backend="tensorrt")
+
+
+def test_large_images_get_smaller_batches(monkeypatch):
+    seen = []
+
+    class Session:
+        def run(self, _outputs, feeds):
+            batch = next(iter(feeds.values()))
+            seen.append(len(batch))
+            return [batch.reshape(len(batch), -1)[:, :5]]
+
+    monkeypatch.setattr("export.onnx.ort_session", lambda path: Session())
+    monkeypatch.setattr(evaluate, "ORT_BATCH_ELEMENTS", 3 * 8 * 8 * 10)  # ten 3x8x8 images a batch
+    out = evaluate.predict_onnxruntime(_net(), torch.randn(25, 3, 8, 8))
+    assert seen == [10, 10, 5] and out.shape == (25, 5)
