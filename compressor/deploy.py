@@ -122,8 +122,12 @@ def export_all(model: nn.Module, example: torch.Tensor, inputs: torch.Tensor, fo
 
 
 def latency(config: CompressConfig, target: Target, original: nn.Module, pruned: nn.Module,
-            example: torch.Tensor, folder: Path, input_shape) -> dict:
-    """``latency`` (primary backend) and ``latency_other`` entries of the report."""
+            example: torch.Tensor, folder: Path, input_shape, onnx_files: tuple = (None, None)) -> dict:
+    """``latency`` (primary backend) and ``latency_other`` entries of the report.
+
+    ``onnx_files``: the original's and the pruned model's ONNX exports where already written;
+    onnxruntime then times those files instead of exporting the modules again.
+    """
     from export.latency import compare_latency
 
     batch = example[:1].repeat(config.batch_size, 1, 1, 1)
@@ -141,7 +145,10 @@ def latency(config: CompressConfig, target: Target, original: nn.Module, pruned:
     runs = []
     backends = [primary_backend(target)] + (["torch"] if target.torch_device == "cpu" else [])
     for backend in backends:
-        result = compare_latency(original, pruned, batch, device=target.torch_device, backend=backend,
+        models = (original, pruned)
+        if backend == "onnxruntime" and all(f is not None and Path(f).is_file() for f in onnx_files):
+            models = onnx_files
+        result = compare_latency(*models, batch, device=target.torch_device, backend=backend,
                                  fp16=config.fp16, warmup=config.warmup, iters=config.iters, workdir=folder)
         runs.append({"device": target.name, "backend": backend, "batch_size": config.batch_size, **result})
     return {"latency": runs[0], "latency_other": runs[1:]}

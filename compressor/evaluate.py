@@ -32,9 +32,11 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = TORCH_BATC
     return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
-def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int | None = None,
+                        onnx_path: Path | None = None) -> torch.Tensor:
     """Logits of ``model`` exported to ONNX and run in onnxruntime (CPU), in batches.
 
+    ``onnx_path``: ``model`` already exported there (with ``export.onnx.export_onnx``); used as is.
     ``batch_size`` defaults to ORT_BATCH images, fewer when they are large (ORT_BATCH_ELEMENTS).
 
     Raises:
@@ -48,7 +50,7 @@ def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int 
     if batch_size is None:
         batch_size = max(1, min(ORT_BATCH, ORT_BATCH_ELEMENTS // max(1, images[0].numel())))
     with tempfile.TemporaryDirectory(prefix="compressor-eval-") as folder:
-        path = export_onnx(model, images[:1], Path(folder) / "model.onnx")
+        path = onnx_path if onnx_path is not None else export_onnx(model, images[:1], Path(folder) / "model.onnx")
         session = ort_session(path)
         batches = []
         for i in range(0, len(images), batch_size):
@@ -57,28 +59,31 @@ def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int 
     return torch.cat(batches)
 
 
-def logits(model: nn.Module, images: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, str]:
+def logits(model: nn.Module, images: torch.Tensor, backend: str = "auto",
+           onnx_path: Path | None = None) -> tuple[torch.Tensor, str]:
     """Logits and the backend that computed them (``"onnxruntime"`` or ``"torch"``).
 
     ``auto`` uses onnxruntime for a model on the CPU and falls back to PyTorch when the export
-    or onnxruntime fails; ``onnxruntime`` raises instead of falling back.
+    or onnxruntime fails; ``onnxruntime`` raises instead of falling back. ``onnx_path``: the
+    model's ONNX export, when one was already written.
     """
     if backend not in BACKENDS:
         raise CompressorError(f"evaluation backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if backend == "onnxruntime" or (backend == "auto" and _device_of(model).type == "cpu"):
         try:
-            return predict_onnxruntime(model, images), "onnxruntime"
+            return predict_onnxruntime(model, images, onnx_path=onnx_path), "onnxruntime"
         except (CompressorError, ImportError):
             if backend == "onnxruntime":
                 raise
     return predict(model, images), "torch"
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, backend: str = "auto") -> tuple[float, str]:
-    """Top-1 accuracy of ``model`` on ``images``/``labels`` and the backend that ran it."""
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, backend: str = "auto",
+             onnx_path: Path | None = None) -> tuple[float, str]:
+    """Top-1 accuracy of ``model`` on ``images``/``labels`` and the backend that ran it (see ``logits``)."""
     if len(images) != len(labels):
         raise CompressorError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
-    out, used = logits(model, images, backend)
+    out, used = logits(model, images, backend, onnx_path)
     if out.dim() != 2:
         raise CompressorError(f"accuracy needs N x classes logits, the model returned shape {tuple(out.shape)}")
     return float((out.argmax(1) == labels).float().mean()), used

@@ -54,9 +54,9 @@ class Stages:
         return time.perf_counter() - self._start
 
 
-def accuracy(model: nn.Module, data: ImageSet, used: set[str] | None = None) -> float:
+def accuracy(model: nn.Module, data: ImageSet, used: set[str] | None = None, onnx_path: Path | None = None) -> float:
     """Top-1 accuracy on labelled data; the backend that ran it is added to ``used``."""
-    value, backend = evaluate.accuracy(model, data.images, data.labels)
+    value, backend = evaluate.accuracy(model, data.images, data.labels, onnx_path=onnx_path)
     if used is not None:
         used.add(backend)
     return value
@@ -176,9 +176,12 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
     acc = {}
     eval_backends: set[str] = set()
+    # the original's ONNX export serves its evaluation and the latency comparison; removed before the end
+    original_onnx = _export_or_none(original, example, tmp / ".work" / "original.onnx") if (
+        evaluation is not None or config.latency) else None
     if evaluation is not None:
         with stages.stage("evaluate", "measuring the original model's accuracy"):
-            acc["original"] = accuracy(original, evaluation, eval_backends)
+            acc["original"] = accuracy(original, evaluation, eval_backends, original_onnx)
     with stages.stage("score", f"scoring channels with {criterion.name}"):
         ctx = ScoringContext(
             model=original, groups=graph.groups, calib=calib.images if calib is not None else None,
@@ -221,24 +224,26 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
             )
             recovery_info = run_recipe(list(recipe), rctx)
     recovered = pruned.model.eval()
+    with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
+        export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,
+                                        config.batch_size)
+        save_pytorch(recovered, example, tmp)
+        (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept), indent=1))
     if evaluation is not None:
         with stages.stage("evaluate", "measuring accuracy after recovery"):
-            acc["pruned"] = accuracy(recovered, evaluation, eval_backends)
+            acc["pruned"] = accuracy(recovered, evaluation, eval_backends, tmp / "model.onnx")
         drop = 100 * (acc["original"] - acc["pruned"])
         if config.max_accuracy_drop is not None and drop > config.max_accuracy_drop:
             raise BudgetError(
                 f"accuracy dropped {drop:.2f} points ({acc['original']:.2%} -> {acc['pruned']:.2%}), "
                 f"more than --max-accuracy-drop {config.max_accuracy_drop}; relax the budget or try another criterion"
             )
-    with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
-        export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,
-                                        config.batch_size)
-        save_pytorch(recovered, example, tmp)
-        (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept), indent=1))
     latency_info = {}
     if config.latency:
         with stages.stage("latency", f"measuring latency on {target.name}"):
-            latency_info = deploy.latency(config, target, original, recovered, example, tmp, input_shape)
+            latency_info = deploy.latency(config, target, original, recovered, example, tmp, input_shape,
+                                          onnx_files=(original_onnx, tmp / "model.onnx"))
+    shutil.rmtree(tmp / ".work", ignore_errors=True)
     report = Report({
         "model": config.model,
         "budget": budget_report(budget, macs1 / macs0, candidates),
@@ -270,6 +275,16 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     report.write(tmp)
     del output
     return report
+
+
+def _export_or_none(model: nn.Module, example: torch.Tensor, path: Path) -> Path | None:
+    """``model`` exported to ONNX at ``path``, or None when it does not export (callers then use the module)."""
+    from export.onnx import export_onnx
+
+    try:
+        return export_onnx(model, example, path)
+    except CompressorError:
+        return None
 
 
 def budget_report(budget: budget_mod.Budget, flops_ratio: float, candidates: list[dict]) -> dict:

@@ -171,6 +171,7 @@ def test_end_to_end_small_network(workspace):
     assert report["export"]["onnx"]["max_abs_diff"] <= 1e-4
     assert set(report["accuracy"]) == {"original", "before_recovery", "pruned", "backend"}
     assert report["accuracy"]["backend"] == "onnxruntime"
+    assert not (out / ".work").exists()  # the original's scratch export is not an output
     program = torch.export.load(out / "model.pt2").module()
     x = torch.randn(3, 3, 16, 16)
     import onnxruntime as ort

@@ -26,6 +26,16 @@ def test_onnxruntime_and_torch_agree():
     assert acc_ort == pytest.approx(acc_torch) == pytest.approx(200 / 300)
 
 
+def test_uses_an_existing_export(tmp_path, monkeypatch):
+    from export.onnx import export_onnx
+
+    model, images = _net(), torch.randn(6, 3, 8, 8)
+    path = export_onnx(model, images[:1], tmp_path / "m.onnx")
+    monkeypatch.setattr("export.onnx.export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    out, used = evaluate.logits(model, images, onnx_path=path)
+    assert used == "onnxruntime" and torch.allclose(out, evaluate.predict(model, images), atol=1e-4)
+
+
 def test_falls_back_to_torch_when_export_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise CompressorError("ONNX export failed: unsupported op")
