@@ -22,6 +22,7 @@ BACKENDS = ("auto", "onnxruntime", "torch")
 TORCH_BATCH = 64  # small batches are faster for eager PyTorch on a CPU
 ORT_BATCH = 256
 ORT_BATCH_ELEMENTS = 1 << 22  # at most 16 MB of float32 input a batch: large images get smaller batches
+PARITY_IMAGES = 8  # images first run in both PyTorch and onnxruntime: a mismatching export is not used
 
 
 @torch.no_grad()
@@ -36,21 +37,24 @@ def predict_onnxruntime(model: nn.Module, images: torch.Tensor, batch_size: int 
                         onnx_path: Path | None = None) -> torch.Tensor:
     """Logits of ``model`` exported to ONNX and run in onnxruntime (CPU), in batches.
 
-    ``onnx_path``: ``model`` already exported there (with ``export.onnx.export_onnx``); used as is.
+    ``onnx_path``: ``model`` already exported there (with ``export.onnx.export_onnx``).
     ``batch_size`` defaults to ORT_BATCH images, fewer when they are large (ORT_BATCH_ELEMENTS).
+    The first PARITY_IMAGES images are checked against PyTorch before the rest run.
 
     Raises:
-        CompressorError: the model does not export, or onnxruntime cannot run it.
+        CompressorError: the model does not export, onnxruntime cannot run it, or the ONNX graph's
+            outputs differ from the model's.
         ImportError: onnxruntime is not installed.
     """
     import onnxruntime  # noqa: F401 - fail early, before exporting
 
-    from export.onnx import INPUT_NAME, export_onnx, ort_session
+    from export.onnx import INPUT_NAME, check_onnx, export_onnx, ort_session
 
     if batch_size is None:
         batch_size = max(1, min(ORT_BATCH, ORT_BATCH_ELEMENTS // max(1, images[0].numel())))
     with tempfile.TemporaryDirectory(prefix="compressor-eval-") as folder:
         path = onnx_path if onnx_path is not None else export_onnx(model, images[:1], Path(folder) / "model.onnx")
+        check_onnx(path, model, images[:PARITY_IMAGES])
         session = ort_session(path)
         batches = []
         for i in range(0, len(images), batch_size):

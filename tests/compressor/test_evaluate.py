@@ -36,6 +36,20 @@ def test_uses_an_existing_export(tmp_path, monkeypatch):
     assert used == "onnxruntime" and torch.allclose(out, evaluate.predict(model, images), atol=1e-4)
 
 
+def test_a_mismatching_export_is_not_used(tmp_path):
+    from export.onnx import export_onnx
+
+    model, images = _net(), torch.randn(6, 3, 8, 8)
+    other = _net()
+    with torch.no_grad():
+        other[-1].weight.mul_(-1)
+    path = export_onnx(other, images[:1], tmp_path / "other.onnx")
+    out, used = evaluate.logits(model, images, onnx_path=path)
+    assert used == "torch" and torch.allclose(out, evaluate.predict(model, images))
+    with pytest.raises(CompressorError, match="does not match the model"):
+        evaluate.logits(model, images, backend="onnxruntime", onnx_path=path)
+
+
 def test_falls_back_to_torch_when_export_fails(monkeypatch):
     def broken(*args, **kwargs):
         raise CompressorError("ONNX export failed: unsupported op")
@@ -66,6 +80,7 @@ def test_large_images_get_smaller_batches(monkeypatch):
             return [batch.reshape(len(batch), -1)[:, :5]]
 
     monkeypatch.setattr("export.onnx.ort_session", lambda path: Session())
+    monkeypatch.setattr("export.onnx.check_onnx", lambda *args: None)
     monkeypatch.setattr(evaluate, "ORT_BATCH_ELEMENTS", 3 * 8 * 8 * 10)  # ten 3x8x8 images a batch
     out = evaluate.predict_onnxruntime(_net(), torch.randn(25, 3, 8, 8))
     assert seen == [10, 10, 5] and out.shape == (25, 5)
