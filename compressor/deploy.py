@@ -125,8 +125,8 @@ def latency(config: CompressConfig, target: Target, original: nn.Module, pruned:
             example: torch.Tensor, folder: Path, input_shape, onnx_files: tuple = (None, None)) -> dict:
     """``latency`` (primary backend) and ``latency_other`` entries of the report.
 
-    ``onnx_files``: the original's and the pruned model's ONNX exports where already written;
-    onnxruntime then times those files instead of exporting the modules again.
+    ``onnx_files``: the original's and the pruned model's ONNX exports where already written (None
+    where not); onnxruntime then times those files instead of exporting the modules again.
     """
     from export.latency import compare_latency
 
@@ -145,9 +145,8 @@ def latency(config: CompressConfig, target: Target, original: nn.Module, pruned:
     runs = []
     backends = [primary_backend(target)] + (["torch"] if target.torch_device == "cpu" else [])
     for backend in backends:
-        models = (original, pruned)
-        if backend == "onnxruntime" and all(f is not None and Path(f).is_file() for f in onnx_files):
-            models = onnx_files
+        models = [f if backend == "onnxruntime" and f is not None and Path(f).is_file() else m
+                  for m, f in zip((original, pruned), onnx_files, strict=True)]
         result = compare_latency(*models, batch, device=target.torch_device, backend=backend,
                                  fp16=config.fp16, warmup=config.warmup, iters=config.iters, workdir=folder)
         runs.append({"device": target.name, "backend": backend, "batch_size": config.batch_size, **result})

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
+from compressor.graph import _device_of
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 TORCH_BATCH = 64  # small batches are faster for eager PyTorch on a CPU
@@ -91,10 +92,3 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, backe
     if out.dim() != 2:
         raise CompressorError(f"accuracy needs N x classes logits, the model returned shape {tuple(out.shape)}")
     return float((out.argmax(1) == labels).float().mean()), used
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")

@@ -176,12 +176,10 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
     acc = {}
     eval_backends: set[str] = set()
-    # the original's ONNX export serves its evaluation and the latency comparison; removed before the end
-    times_onnx = config.latency and target.local and deploy.primary_backend(target) == "onnxruntime"
-    original_onnx = _export_or_none(original, example, tmp / ".work" / "original.onnx") if (
-        evaluation is not None or times_onnx) else None
+    original_onnx = None  # its export serves the evaluation and the latency comparison; removed at the end
     if evaluation is not None:
         with stages.stage("evaluate", "measuring the original model's accuracy"):
+            original_onnx = _export_or_none(original, example, tmp / ".work" / "original.onnx")
             acc["original"] = accuracy(original, evaluation, eval_backends, original_onnx)
     with stages.stage("score", f"scoring channels with {criterion.name}"):
         ctx = ScoringContext(

@@ -15,8 +15,8 @@ from compressor.recovery.common import batches
 
 # Chosen by measurement (bench/results/recovery.md): least squares alone ties BatchNorm re-estimation
 # followed by least squares on ResNet-56, ResNet-20 and the digits network (the cells differ by
-# -0.55 to +0.52 points, with no sign either way) and skips a pass over the calibration images, about
-# 5 s of ResNet-56's run. The reconstruction maps its targets through the BNs, whose statistics it
+# -0.55 to +0.52 points, with no sign either way) and skips a pass over the calibration images (4 s
+# for ResNet-56, the table's bn row). The reconstruction maps its targets through the BNs, whose statistics it
 # leaves as they are; re-estimating them *after* it would undo part of the fit.
 DEFAULT_RECIPE: list[str] = ["lsq"]
 DATA_FREE_RECIPE: list[str] = ["datafree"]
