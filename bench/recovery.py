@@ -2,13 +2,18 @@
 
 Composes library calls (graph, l1 criterion, width allocation, recovery recipes). Models:
 ResNet-56 (../shared, accuracy on all 5,000 val.tar.gz images), ResNet-20 (../shared, trained on
-PNG images: a domain shift), and the VGG-style digits network of ``compress demo`` (trained here,
-accuracy on its 450 held-out digits). Writes bench/results/recovery.md.
+PNG images: a domain shift), the VGG-style digits network of ``compress demo`` (trained here,
+accuracy on its 450 held-out digits), and torchvision's resnet18 and mobilenet_v2 trained here on
+the CIFAR-10 JPEGs by ``bench/train_cifar.py`` (architectures the recipe was not developed on).
+Writes bench/results/recovery.md.
 
 Run (the tables of bench/results/recovery.md):
     python bench/recovery.py
     python bench/recovery.py --model resnet20 --calib-sizes 1024 --val 2000 --append
     python bench/recovery.py --model digits --append
+    python bench/train_cifar.py --arch resnet18 && python bench/recovery.py --model resnet18 --calib-sizes 1024 --append
+    python bench/train_cifar.py --arch mobilenet_v2 && python bench/recovery.py --model mobilenet_v2 \
+        --calib-sizes 1024 --append
     python bench/recovery.py --calib-sizes 1024 --recipes bn+lsq,bn+lsq+mimic --append
 """
 
@@ -37,7 +42,8 @@ def accuracy(model, images, labels) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="resnet56", choices=("resnet56", "resnet20", "digits"))
+    parser.add_argument("--model", default="resnet56",
+                        choices=("resnet56", "resnet20", "digits", "resnet18", "mobilenet_v2"))
     parser.add_argument("--allocation", default="sensitivity", choices=("global", "sensitivity"))
     parser.add_argument("--val", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
@@ -143,6 +149,20 @@ def load_case(name: str, calib_size: int, load_resnet, load_images):
         calib = load_images(paths["calib"], limit=calib_size, seed=0, mean=MEAN, std=STD).images
         val = load_images(paths["eval"], mean=MEAN, std=STD, labelled=True, what="evaluation")
         return model, calib, val, "`compress demo`'s DigitsNet (VGG-style, sklearn digits 1x16x16, trained here)"
+    if name in ("resnet18", "mobilenet_v2"):
+        from train_cifar import build, weights_path
+
+        path = weights_path(name)
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: train it first with python bench/train_cifar.py --arch {name}")
+        model = build(name)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval()
+        calib = load_images(TRAIN, limit=calib_size, seed=0, mean=CIFAR_MEAN, std=CIFAR_STD).images
+        val = load_images(VAL, mean=CIFAR_MEAN, std=CIFAR_STD, labelled=True, what="evaluation")
+        return model, calib, val, (f"torchvision `{name}` (num_classes=10, ImageNet stem) trained here on the "
+                                   "CIFAR-10 JPEGs by bench/train_cifar.py (calibration from train.tar.gz, eval on "
+                                   "val.tar.gz)")
     weights, depth = {"resnet56": ("resnet56-cifar10-jpeg.pt", 56), "resnet20": ("resnet20-cifar10-png.th", 20)}[name]
     model = load_resnet(str(MODELS / weights), depth)
     calib = load_images(TRAIN, limit=calib_size, seed=0, mean=CIFAR_MEAN, std=CIFAR_STD).images

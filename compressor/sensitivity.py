@@ -27,7 +27,8 @@ from compressor import budget as budget_mod
 from compressor import graph as graph_mod
 from compressor.errors import BudgetError
 from compressor.recovery.common import LAYER_TYPES
-from compressor.recovery.lsq import _at, _conv_patches, _positions, _run_node
+from compressor.recovery.lsq import run_node
+from compressor.recovery.lsq_solve import conv_patches, sample_positions, values_at
 
 PROBE_IMAGES = 16
 PROBE_RATIOS = (0.6, 0.3)
@@ -62,7 +63,7 @@ class _Prober:
             if self.gm is not None:
                 self.cache: dict[fx.Node, object] = {}
                 for node in self.gm.graph.nodes:
-                    value = _run_node(self.gm, node, self.cache, self.probe)
+                    value = run_node(self.gm, node, self.cache, self.probe)
                     self.cache[node] = value
                     if node.op == "output":
                         self.ref = fx.node.map_arg(node.args[0], lambda a: self.cache[a])
@@ -85,7 +86,7 @@ class _Prober:
         root = _Root(model, self.gm)
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":  # buffers (e.g. index maps) may have changed with the pruning
-                value = _run_node(root, node, env, self.probe)
+                value = run_node(root, node, env, self.probe)
                 cached = self.cache[node]
                 same = value is cached or (
                     isinstance(value, torch.Tensor) and isinstance(cached, torch.Tensor)
@@ -110,7 +111,7 @@ class _Prober:
                 first = node.args[0] if node.args else None
                 if isinstance(first, fx.Node) and first not in dirty and isinstance(env.get(first), torch.Tensor):
                     env[first] = env[first].clone()  # never mutate a cached activation
-            env[node] = _run_node(root, node, env, self.probe)
+            env[node] = run_node(root, node, env, self.probe)
         return None
 
     @staticmethod
@@ -150,16 +151,16 @@ def _consumer_grams(graph: graph_mod.ChannelGraph, fit: torch.Tensor, device: st
     def hook(name):
         def fn(module, inputs, out):
             x = inputs[0].detach()
-            n, hw, out_w = _positions(out, module, gen, 1, PROBE_SAMPLES, PROBE_SAMPLES)
+            n, hw, out_w = sample_positions(out, module, gen, 1, PROBE_SAMPLES, PROBE_SAMPLES)
             if isinstance(module, nn.Linear):
                 if x.dim() != 2:
                     return
                 feats, k2 = x[n], 1
             else:
-                feats = _conv_patches(module, x, n, hw, out_w)[:, 0]
+                feats = conv_patches(module, x, n, hw, out_w)[:, 0]
                 k2 = module.weight[0, 0].numel()
             feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1).double()
-            y = _at(out.detach(), module, n, hw).double()
+            y = values_at(out.detach(), module, n, hw).double()
             grams[name] = ((feats.T @ feats).cpu(), (feats.T @ y).cpu(), k2)
 
         return fn
@@ -180,7 +181,7 @@ def _consumer_grams(graph: graph_mod.ChannelGraph, fit: torch.Tensor, device: st
 
 
 class _Root:
-    """Module lookup for ``_run_node``: modules and attributes of the pruned model, constants of the trace."""
+    """Module lookup for ``run_node``: modules and attributes of the pruned model, constants of the trace."""
 
     def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
         self.model, self.gm = model, gm

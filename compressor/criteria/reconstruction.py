@@ -26,7 +26,7 @@ from compressor.criteria._common import finalize, require_calib, weight_norm_sco
 from compressor.criteria.base import ScoringContext
 from compressor.graph import lookup
 from compressor.groups import ChannelGroup, Scores
-from compressor.recovery.lsq import _conv_patches
+from compressor.recovery.lsq_solve import conv_patches
 
 DAMPING = 1e-2  # ridge added to H, relative to its mean diagonal (as in OBC/GPTQ)
 SAMPLES_PER_DIM = 16
@@ -74,7 +74,7 @@ def _grams(model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) 
                 dim = module.weight[0].numel() + 1
                 take = min(len(x) * out_h * out_w, _per_batch(dim, len(x), len(calib)))
                 flat = torch.randperm(len(x) * out_h * out_w, generator=gen)[:take].to(x.device)
-                feats = _conv_patches(module, x, flat // (out_h * out_w), flat % (out_h * out_w), out_w)[:, 0]
+                feats = conv_patches(module, x, flat // (out_h * out_w), flat % (out_h * out_w), out_w)[:, 0]
             feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)
             g = (feats.T @ feats).double().cpu()  # float32 product: 4x faster, ample for a ranking
             grams[name] = grams[name] + g if name in grams else g

@@ -1,0 +1,222 @@
+"""The least-squares solve behind ``lsq`` (and the sensitivity probes): one layer at sampled positions.
+
+A layer's input patches at sampled output positions are regressed onto a target output with a
+ridge in Gram form, ``W = (G + lam I)^-1 (B + lam W_old)``, ``G = X^T X`` (D x D, D = input
+channels x kernel area / groups, +1 for the bias), ``B = X^T Y``: it shrinks toward the pruned
+weights. ``lam`` is picked per layer from a few multiples of ``trace(G)/D`` on held-out positions,
+and the old weights are kept when no solve beats them there. Grouped and depthwise convolutions
+are solved per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressor.recovery.common import set_bias
+
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+EIGH_MAX_DIM = 1200  # above this many unknowns per group: one fixed-ridge solve
+LARGE_ALPHA = 0.1
+HOLDOUT_EVERY = 5  # every 5th sampled position is held out to choose the ridge and accept the solve
+
+
+def _sample_count(total: int, dim: int, per_dim: int, lo: int, hi: int) -> int:
+    return int(min(total, max(lo, min(hi, per_dim * dim))))
+
+
+def conv_patches(conv: nn.Conv2d, x: torch.Tensor, n: torch.Tensor, hw: torch.Tensor, out_w: int) -> torch.Tensor:
+    """Input patches of ``conv`` at output positions (n, hw): S x groups x (Cin/groups * kh * kw)."""
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    oh, ow = hw // out_w, hw % out_w
+    cols = []
+    for i in range(kh):
+        for j in range(kw):
+            cols.append(x[n, :, oh * sh + i * dh, ow * sw + j * dw])  # S x Cin
+    patches = torch.stack(cols, dim=-1)  # S x Cin x (kh*kw), matching weight[o].reshape order
+    s, cin, k = patches.shape
+    return patches.reshape(s, conv.groups, (cin // conv.groups) * k)
+
+
+def _ridge(g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-group ridge ``alpha * trace(G) / D`` (g x 1 x 1) for Gram matrices ``g`` (g x D x D)."""
+    return (alpha * torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / g.shape[-1]).view(-1, 1, 1)
+
+
+def _ridge_solve(g: torch.Tensor, b: torch.Tensor, alpha: float, w_old: torch.Tensor) -> torch.Tensor:
+    lam = _ridge(g, alpha)
+    return torch.linalg.solve(g + lam * torch.eye(g.shape[-1], dtype=g.dtype), b + lam * w_old)
+
+
+def _solve(
+    x: torch.Tensor, y: torch.Tensor, w_old: torch.Tensor, fast: bool = False, relu: tuple | None = None
+) -> tuple[torch.Tensor | None, dict]:
+    """Ridge solves for (g x S x D) inputs, (g x S x C) targets; None when the old weights are best.
+
+    The ridge ``lam = alpha * trace(G) / D`` shrinks toward ``w_old``; ``alpha`` is chosen on
+    held-out positions (one eigendecomposition serves all candidates). ``fast``: one fixed
+    ``alpha``, no held-out check. ``relu``: see :func:`_relu_rounds`. Returns the new
+    (g x D x C) weights (or None) and diagnostics.
+    """
+    w_old = w_old.double()
+    dim = x.shape[-1]
+
+    def gram(xs, ys):
+        return (xs.transpose(1, 2) @ xs).double(), (xs.transpose(1, 2) @ ys).double()
+
+    hold = torch.zeros(x.shape[1], dtype=torch.bool)
+    hold[::HOLDOUT_EVERY] = True
+    if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
+        g, b = gram(x, y)
+        return _relu_rounds(x, y, w_old, _ridge_solve(g, b, 1e-2, w_old), g, 1e-2, relu), {"alpha": 1e-2}
+    g_t, b_t = gram(x[:, ~hold], y[:, ~hold])
+    g_h, b_h = gram(x[:, hold], y[:, hold])
+    energy = float((y[:, hold].double() ** 2).sum())
+
+    def err(w):  # squared error on the held-out positions, from their Gram matrices
+        return float((w * (g_h @ w)).sum() - 2 * (w * b_h).sum()) + energy
+
+    base = err(w_old)
+    best_alpha, best = None, base
+    if dim > EIGH_MAX_DIM:
+        # wide layers (e.g. 512 x 3 x 3 inputs): an eigendecomposition per layer is too slow on a
+        # CPU; one Cholesky solve with a fixed, stronger ridge, still checked on held-out positions
+        candidates = [(LARGE_ALPHA, _ridge_solve(g_t, b_t, LARGE_ALPHA, w_old))]
+    else:
+        evals, evecs = torch.linalg.eigh(g_t)
+        evals = evals.clamp_min(0).unsqueeze(-1)  # g x D x 1
+        candidates = []
+        for alpha in ALPHAS:
+            lam = _ridge(g_t, alpha)
+            candidates.append((alpha, evecs @ ((evecs.transpose(1, 2) @ (b_t + lam * w_old)) / (evals + lam))))
+    for alpha, w in candidates:
+        e = err(w)
+        if e == e and e < best:
+            best_alpha, best = alpha, e
+    info = {"err_before": base / max(1, int(hold.sum())), "err_after": best / max(1, int(hold.sum())),
+            "energy": energy / max(1, int(hold.sum()))}
+    if best_alpha is None:
+        return None, info
+    info["alpha"] = best_alpha
+    g = g_t + g_h
+    return _relu_rounds(x, y, w_old, _ridge_solve(g, b_t + b_h, best_alpha, w_old), g, best_alpha, relu), info
+
+
+RELU_ROUNDS = 5
+
+
+def _relu_rounds(x, y, w_old, w, g, alpha, relu):
+    """ReLU-aware refinement of the solution ``w`` (same Gram ``g`` and ridge); ``w`` unchanged without ``relu``.
+
+    ``relu``: ``(theta, sign, free)`` shaped like ``y`` (g x S x C) and (g x 1 x C): at ``free``
+    positions the original's ReLU is off, and any prediction with ``sign * (pred - theta) <= 0``
+    is as good as the target. Alternates between projecting the predictions there and re-solving.
+    """
+    if relu is None or not bool(relu[2].any()):
+        return w
+    theta, sign, free = relu
+    lam = _ridge(g, alpha)
+    lhs = g + lam * torch.eye(g.shape[-1], dtype=g.dtype)
+    for _ in range(RELU_ROUNDS):
+        pred = x @ w.to(x.dtype)
+        over = sign * (pred - theta) > 0  # on the wrong side of the ReLU's threshold
+        target = torch.where(free, torch.where(over, theta, pred), y)
+        w = torch.linalg.solve(lhs, (x.transpose(1, 2) @ target).double() + lam * w_old)
+    return w
+
+
+def bn_affine(bn: nn.Module, idx: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, c) with bn(x) == a * x + c per channel (eval mode), restricted to ``idx`` when given."""
+    n = bn.num_features
+    mean = bn.running_mean.detach().double() if bn.running_mean is not None else torch.zeros(n, dtype=torch.float64)
+    var = bn.running_var.detach().double() if bn.running_var is not None else torch.ones(n, dtype=torch.float64)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones(n, dtype=torch.float64)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(n, dtype=torch.float64)
+    a = gamma / torch.sqrt(var + bn.eps)
+    c = beta - a * mean
+    if idx is not None:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        a, c = a[t], c[t]
+    return a.cpu(), c.cpu()
+
+
+def sample_positions(out: torch.Tensor, layer: nn.Module, gen: torch.Generator, per_dim: int, lo: int, hi: int):
+    """Sampled output positions (n, hw, out_w) of a layer output, and the output as N x C x positions."""
+    if out.dim() == 2:
+        out3 = out.unsqueeze(-1)
+    elif isinstance(layer, nn.Linear):
+        out3 = out.reshape(out.shape[0], -1, out.shape[-1]).transpose(1, 2)
+    else:
+        out3 = out.flatten(2)
+    nb, _, spatial = out3.shape
+    groups = getattr(layer, "groups", 1)
+    count = _sample_count(nb * spatial, _dim_of(layer) * groups, per_dim, lo, hi)
+    flat = torch.randperm(nb * spatial, generator=gen)[:count].sort().values.to(out.device)
+    out_w = out.shape[-1] if (out.dim() == 4 and not isinstance(layer, nn.Linear)) else 1
+    return flat // spatial, flat % spatial, out_w
+
+
+def values_at(t: torch.Tensor, layer: nn.Module, n: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """Values of an output-shaped tensor at sampled positions: S x C."""
+    if t.dim() == 2:
+        return t[n]
+    if isinstance(layer, nn.Linear):
+        return t.reshape(t.shape[0], -1, t.shape[-1])[n, hw]
+    return t.flatten(2)[n, :, hw]
+
+
+def _dim_of(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features + 1
+    return layer.weight.shape[1] * layer.weight[0, 0].numel() + 1
+
+
+def fit_layer(module: nn.Module, x: torch.Tensor, n, hw, out_w, target: torch.Tensor, fit_bias: bool,
+         fast: bool = False, relu: tuple | None = None) -> dict:
+    """Solve for ``module``'s weights from its input ``x`` (full batch) and S x Cout ``target``.
+
+    ``relu``: ``(theta, sign, free)`` (S x C, C, S x C) when the output reaches a ReLU; see
+    :func:`_relu_rounds`.
+    """
+    if isinstance(module, nn.Linear):
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 2 else x.unsqueeze(1)
+        feats = x3[n, hw].unsqueeze(1)  # S x 1 x Cin
+        groups = 1
+        w = module.weight.detach().t().unsqueeze(0)  # 1 x Cin x Cout
+    else:
+        feats = conv_patches(module, x, n, hw, out_w)  # S x g x D
+        groups = module.groups
+        cout = module.weight.shape[0]
+        w = module.weight.detach().reshape(groups, cout // groups, -1).transpose(1, 2)  # g x D x Cout/g
+    feats = feats.transpose(0, 1).float()  # g x S x D
+    y = target.float().reshape(target.shape[0], groups, -1).transpose(0, 1)  # g x S x C/g
+    if fit_bias:
+        ones = torch.ones(*feats.shape[:2], 1, dtype=feats.dtype, device=feats.device)
+        feats = torch.cat([feats, ones], dim=-1)
+        b = module.bias.detach() if module.bias is not None else torch.zeros(module.weight.shape[0])
+        w = torch.cat([w, b.to(w).reshape(groups, 1, -1)], dim=1)
+    if relu is not None:  # S x C -> g x S x C/g like ``y``; sign: C -> g x 1 x C/g
+        theta, sign, free = relu
+        relu = (theta.float().reshape(theta.shape[0], groups, -1).transpose(0, 1),
+                sign.float().reshape(groups, 1, -1), free.reshape(free.shape[0], groups, -1).transpose(0, 1))
+    new, info = _solve(feats.cpu(), y.cpu(), w.cpu(), fast, relu)
+    info["status"] = "kept" if new is None else "refit"
+    if new is None:
+        return info
+    new = new.to(module.weight.dtype).to(module.weight.device)
+    if fit_bias:
+        set_bias(module, new[:, -1, :].reshape(-1))
+        new = new[:, :-1, :]
+    with torch.no_grad():
+        if isinstance(module, nn.Linear):
+            module.weight.copy_(new[0].t())
+        else:
+            module.weight.copy_(new.transpose(1, 2).reshape(module.weight.shape))
+    return info
