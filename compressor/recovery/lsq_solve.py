@@ -50,9 +50,18 @@ def _ridge(g: torch.Tensor, alpha: float) -> torch.Tensor:
     return (alpha * torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / g.shape[-1]).view(-1, 1, 1)
 
 
-def _ridge_solve(g: torch.Tensor, b: torch.Tensor, alpha: float, w_old: torch.Tensor) -> torch.Tensor:
+def _ridge_solver(g: torch.Tensor, alpha: float, w_old: torch.Tensor):
+    """``b -> (G + lam I)^-1 (b + lam W_old)``, factored once (Cholesky) for repeated right-hand sides.
+
+    ``G + lam I`` is symmetric positive definite in exact arithmetic; should rounding make the
+    factorization fail, the solver falls back to a general solve.
+    """
     lam = _ridge(g, alpha)
-    return torch.linalg.solve(g + lam * torch.eye(g.shape[-1], dtype=g.dtype), b + lam * w_old)
+    lhs = g + lam * torch.eye(g.shape[-1], dtype=g.dtype)
+    chol, failed = torch.linalg.cholesky_ex(lhs)
+    if bool((failed != 0).any()):
+        return lambda b: torch.linalg.solve(lhs, b + lam * w_old)
+    return lambda b: torch.cholesky_solve(b + lam * w_old, chol)
 
 
 def _solve(
@@ -75,7 +84,7 @@ def _solve(
     hold[::HOLDOUT_EVERY] = True
     if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
         g, b = gram(x, y)
-        return _relu_rounds(x, y, w_old, _ridge_solve(g, b, 1e-2, w_old), g, 1e-2, relu), {"alpha": 1e-2}
+        return _relu_rounds(x, y, b, _ridge_solver(g, 1e-2, w_old), relu), {"alpha": 1e-2}
     g_t, b_t = gram(x[:, ~hold], y[:, ~hold])
     g_h, b_h = gram(x[:, hold], y[:, hold])
     energy = float((y[:, hold].double() ** 2).sum())
@@ -88,7 +97,7 @@ def _solve(
     if dim > EIGH_MAX_DIM:
         # wide layers (e.g. 512 x 3 x 3 inputs): an eigendecomposition per layer is too slow on a
         # CPU; one Cholesky solve with a fixed, stronger ridge, still checked on held-out positions
-        candidates = [(LARGE_ALPHA, _ridge_solve(g_t, b_t, LARGE_ALPHA, w_old))]
+        candidates = [(LARGE_ALPHA, _ridge_solver(g_t, LARGE_ALPHA, w_old)(b_t))]
     else:
         evals, evecs = torch.linalg.eigh(g_t)
         evals = evals.clamp_min(0).unsqueeze(-1)  # g x D x 1
@@ -105,30 +114,28 @@ def _solve(
     if best_alpha is None:
         return None, info
     info["alpha"] = best_alpha
-    g = g_t + g_h
-    return _relu_rounds(x, y, w_old, _ridge_solve(g, b_t + b_h, best_alpha, w_old), g, best_alpha, relu), info
+    return _relu_rounds(x, y, b_t + b_h, _ridge_solver(g_t + g_h, best_alpha, w_old), relu), info
 
 
 RELU_ROUNDS = 5
 
 
-def _relu_rounds(x, y, w_old, w, g, alpha, relu):
-    """ReLU-aware refinement of the solution ``w`` (same Gram ``g`` and ridge); ``w`` unchanged without ``relu``.
+def _relu_rounds(x, y, b, solver, relu):
+    """The ridge solution ``solver(b)``, refined ReLU-aware when ``relu`` is given (same Gram and ridge).
 
     ``relu``: ``(theta, sign, free)`` shaped like ``y`` (g x S x C) and (g x 1 x C): at ``free``
     positions the original's ReLU is off, and any prediction with ``sign * (pred - theta) <= 0``
     is as good as the target. Alternates between projecting the predictions there and re-solving.
     """
+    w = solver(b)
     if relu is None or not bool(relu[2].any()):
         return w
     theta, sign, free = relu
-    lam = _ridge(g, alpha)
-    lhs = g + lam * torch.eye(g.shape[-1], dtype=g.dtype)
     for _ in range(RELU_ROUNDS):
         pred = x @ w.to(x.dtype)
         over = sign * (pred - theta) > 0  # on the wrong side of the ReLU's threshold
         target = torch.where(free, torch.where(over, theta, pred), y)
-        w = torch.linalg.solve(lhs, (x.transpose(1, 2) @ target).double() + lam * w_old)
+        w = solver((x.transpose(1, 2) @ target).double())
     return w
 
 
