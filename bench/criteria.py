@@ -74,8 +74,7 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "# Channel criteria on CIFAR ResNets",
         "",
         "One `compressor.pipeline.run` per row: global width ranking (`--allocation global`), FLOPs budget, "
-        "recovery `none` (accuracy before recovery) and the default recipe (after recovery; `bn` then `lsq` in "
-        "the rows measured before 2026-11-23, `lsq` alone since, which ties it) "
+        "recovery `none` (accuracy before recovery) and the default recipe (after recovery: `lsq`) "
         "from the same run. Calibration images: a seeded random subset (seed 0) of `train.tar.gz`; accuracy "
         f"on {'all 5,000' if eval_size is None else f'{eval_size:,} (seeded subset) of the'} `val.tar.gz` images. "
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "
@@ -123,9 +122,10 @@ def main() -> None:
                    help="names; NAME@ALLOCATION runs NAME with that --allocation (default: global)")
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="forget earlier results in criteria.jsonl")
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     require_shared()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fresh and JSONL.exists():
         JSONL.unlink()
