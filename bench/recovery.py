@@ -158,16 +158,16 @@ def load_case(name: str, calib_size: int, load_resnet, load_images):
         model = build(name)
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
-        calib = load_images(TRAIN, limit=calib_size, seed=0, mean=CIFAR_MEAN, std=CIFAR_STD).images
-        val = load_images(VAL, mean=CIFAR_MEAN, std=CIFAR_STD, labelled=True, what="evaluation")
-        return model, calib, val, (f"torchvision `{name}` (num_classes=10, ImageNet stem) trained here on the "
-                                   "CIFAR-10 JPEGs by bench/train_cifar.py (calibration from train.tar.gz, eval on "
-                                   "val.tar.gz)")
-    weights, depth = {"resnet56": ("resnet56-cifar10-jpeg.pt", 56), "resnet20": ("resnet20-cifar10-png.th", 20)}[name]
-    model = load_resnet(str(MODELS / weights), depth)
+        text = (f"torchvision `{name}` (num_classes=10, ImageNet stem) trained here on the CIFAR-10 JPEGs by "
+                "bench/train_cifar.py")
+    else:
+        weights, depth = {"resnet56": ("resnet56-cifar10-jpeg.pt", 56),
+                          "resnet20": ("resnet20-cifar10-png.th", 20)}[name]
+        model = load_resnet(str(MODELS / weights), depth)
+        text = f"`../shared/models/{weights}`"
     calib = load_images(TRAIN, limit=calib_size, seed=0, mean=CIFAR_MEAN, std=CIFAR_STD).images
     val = load_images(VAL, mean=CIFAR_MEAN, std=CIFAR_STD, labelled=True, what="evaluation")
-    return model, calib, val, f"`../shared/models/{weights}` (calibration from train.tar.gz, eval on val.tar.gz)"
+    return model, calib, val, text + " (calibration from train.tar.gz, eval on val.tar.gz)"
 
 
 def flops_text(log: list[dict]) -> str:

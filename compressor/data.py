@@ -96,8 +96,8 @@ class _Source:
             return
         files = scan_tar(path)
         if files is not None:
-            self.entries = sorted(n for n, _ in files if n.lower().endswith(IMAGE_SUFFIXES))
             self.cache = {n: data for n, data in files if n.lower().endswith(IMAGE_SUFFIXES)}
+            self.entries = sorted(self.cache)
             return
         names, cache, cached_bytes = [], {}, 0
         try:

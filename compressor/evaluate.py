@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.graph import _device_of
+from compressor.graph import device_of
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 TORCH_BATCH = 64  # small batches are faster for eager PyTorch on a CPU
@@ -30,7 +30,7 @@ PARITY_IMAGES = 8  # images first run in both PyTorch and onnxruntime: a mismatc
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = TORCH_BATCH) -> torch.Tensor:
     """Logits of ``model`` over ``images`` in PyTorch, in batches, in eval mode, on the model's device."""
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     return torch.cat([model(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
@@ -74,7 +74,7 @@ def logits(model: nn.Module, images: torch.Tensor, backend: str = "auto",
     """
     if backend not in BACKENDS:
         raise CompressorError(f"evaluation backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-    if backend == "onnxruntime" or (backend == "auto" and _device_of(model).type == "cpu"):
+    if backend == "onnxruntime" or (backend == "auto" and device_of(model).type == "cpu"):
         try:
             return predict_onnxruntime(model, images, onnx_path=onnx_path), "onnxruntime"
         except (CompressorError, ImportError):

@@ -46,7 +46,7 @@ and the MAC estimate.
 from __future__ import annotations
 
 from compressor.graph.build import build_graph
-from compressor.graph.core import ChannelGraph, PrunedModel, _device_of, lookup
+from compressor.graph.core import ChannelGraph, PrunedModel, device_of, lookup
 from compressor.graph.cost import count_macs_params, estimate_macs, estimate_macs_change
 from compressor.graph.prune import apply_plan, conv_groups, mask_model, normalize_plan, random_plan, soundness_diff
 from compressor.graph.trace import CHANNELWISE_OPS
@@ -54,5 +54,5 @@ from compressor.graph.trace import CHANNELWISE_OPS
 __all__ = [
     "ChannelGraph", "PrunedModel", "build_graph", "apply_plan", "mask_model", "soundness_diff", "lookup",
     "estimate_macs", "estimate_macs_change", "count_macs_params", "random_plan", "normalize_plan", "conv_groups",
-    "CHANNELWISE_OPS", "_device_of",
+    "CHANNELWISE_OPS", "device_of",
 ]

@@ -58,7 +58,7 @@ class ChannelGraph:
     _norms: dict[str, bool] = field(default_factory=dict, repr=False)  # LayerNorm name -> channels_first
     _balance: dict[int, list[int]] = field(default_factory=dict, repr=False)  # group id -> conv-group per channel
     _check_ops: bool = field(default=True, repr=False)
-    _layers_of_group: dict[int, list[_Layer]] = field(default_factory=dict, repr=False)  # filled on first use
+    _layers_of_group: dict[int, list[_Layer]] = field(default_factory=dict, repr=False)  # group id -> its cost rows
 
     @property
     def excluded(self) -> list[ChannelGroup]:
@@ -123,7 +123,7 @@ def lookup(model: nn.Module, name: str) -> nn.Module | nn.Parameter | None:
         return None
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():

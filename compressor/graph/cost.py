@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from compressor.graph.core import ChannelGraph, _device_of, _is_depthwise, _Layer
+from compressor.graph.core import ChannelGraph, _is_depthwise, _Layer, device_of
 
 
 def _build_cost_table(graph: ChannelGraph) -> None:
@@ -46,7 +46,8 @@ def _build_cost_table(graph: ChannelGraph) -> None:
         row.out_fixed = out_size - sum(graph.groups[g].size * k for g, k in row.out_terms)
         row.in_fixed = in_size - sum(graph.groups[g].size * k for g, k in row.in_terms)
         graph._layers.append(row)
-
+        for gid in {gid for gid, _ in (*row.out_terms, *row.in_terms)}:
+            graph._layers_of_group.setdefault(gid, []).append(row)
 
 
 def estimate_macs(graph: ChannelGraph, kept_counts: dict[int, int]) -> int:
@@ -60,10 +61,6 @@ def estimate_macs(graph: ChannelGraph, kept_counts: dict[int, int]) -> int:
 def estimate_macs_change(graph: ChannelGraph, kept_counts: dict[int, int], group_id: int, count: int) -> int:
     """``estimate_macs`` with group ``group_id`` at ``count`` minus ``estimate_macs`` at ``kept_counts``,
     summed over the layers that group touches only (a greedy search asks this thousands of times)."""
-    if not graph._layers_of_group:
-        for row in graph._layers:
-            for gid in {gid for gid, _ in (*row.out_terms, *row.in_terms)}:
-                graph._layers_of_group.setdefault(gid, []).append(row)
     rows = graph._layers_of_group.get(group_id, [])
     return _rows_macs(graph, rows, {**kept_counts, group_id: count}) - _rows_macs(graph, rows, kept_counts)
 
@@ -108,7 +105,7 @@ def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[in
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input[:1].to(_device_of(model)))
+            model(example_input[:1].to(device_of(model)))
     finally:
         for h in hooks:
             h.remove()

@@ -11,11 +11,11 @@ from compressor.channel_ops import ChannelScatter, MaskedLayerNorm
 from compressor.graph.core import (
     ChannelGraph,
     PrunedModel,
-    _device_of,
     _dim_size,
     _is_depthwise,
     _is_grouped,
     _run,
+    device_of,
     lookup,
 )
 from compressor.graph.trace import _build_dg, _safe_reshape_mapping
@@ -312,7 +312,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def soundness_diff(graph: ChannelGraph, plan: Plan, pruned: nn.Module, inputs: torch.Tensor) -> float:
     """Max |pruned(x) - masked_original(x)| over ``inputs``."""
-    device = _device_of(pruned)
+    device = device_of(pruned)
     masked = mask_model(graph, plan).to(device)
     inputs = inputs.to(device)
     was_training = pruned.training
