@@ -75,6 +75,8 @@ def main() -> None:
           flush=True)
     model = build(args.arch).to(memory_format=torch.channels_last)  # about 20% faster on a CPU
     steps_per_epoch = math.ceil(len(train.images) / args.batch)
+    if steps_per_epoch * args.epochs < 8:  # the one-cycle schedule needs a few steps per phase
+        raise SystemExit(f"only {steps_per_epoch * args.epochs} training steps; raise --limit or --epochs")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
