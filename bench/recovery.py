@@ -1,6 +1,6 @@
 """Recovery benchmark: recovery recipes x calibration sizes at 50% / 40% FLOPs.
 
-Composes library calls (graph, l1 criterion, width allocation, recovery recipes). Models:
+Composes library calls (graph, criterion (l1 unless --criterion), width allocation, recovery recipes). Models:
 ResNet-56 (../shared, accuracy on all 5,000 val.tar.gz images), ResNet-20 (../shared, trained on
 PNG images: a domain shift), the VGG-style digits network of ``compress demo`` (trained here,
 accuracy on its 450 held-out digits), and torchvision's resnet18 and mobilenet_v2 trained here on
@@ -15,6 +15,9 @@ Run (the tables of bench/results/recovery.md):
     python bench/train_cifar.py --arch mobilenet_v2 && python bench/recovery.py --model mobilenet_v2 \
         --calib-sizes 1024 --append
     python bench/recovery.py --calib-sizes 1024 --recipes bn+lsq,bn+lsq+mimic --append
+    python bench/recovery.py --criterion reconstruction --recipes lsq --append   # the pipeline's default criterion
+    python bench/recovery.py --model resnet18 --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
+    python bench/recovery.py --model mobilenet_v2 --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet56",
                         choices=("resnet56", "resnet20", "digits", "resnet18", "mobilenet_v2"))
     parser.add_argument("--allocation", default="sensitivity", choices=("global", "sensitivity"))
+    parser.add_argument("--criterion", default="l1", help="channel criterion (registry name)")
     parser.add_argument("--val", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "recovery.md"))
@@ -88,7 +92,8 @@ def main() -> None:
     for n in sizes:
         # a strided subset: the loader returns images grouped by class
         calib = calib_all[torch.linspace(0, len(calib_all) - 1, n).round().long()]
-        scores = get_criterion("l1").score(ScoringContext(model=graph.model, groups=graph.groups, calib=calib))
+        ctx = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
+        scores = get_criterion(args.criterion).score(ctx)
         full = graph_mod.estimate_macs(graph, {g.id: g.size for g in graph.groups if g.prunable})
         for ratio in RATIOS:
             t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def main() -> None:
                 results[(label, ratio, n)] = (acc, rec_s, alloc_s)
                 entry = {"recipe": label, "ratio": ratio, "calib": n, "flops_kept": macs / macs_full,
                          "accuracy": acc, "recovery_s": rec_s, "allocation_s": alloc_s,
-                         "steps": info["steps"], "allocation": args.allocation}
+                         "steps": info["steps"], "allocation": args.allocation, "criterion": args.criterion}
                 log.append(entry)
                 print(json.dumps(entry), flush=True)
     header = ["recipe"] + [f"{int(r * 100)}% / {n}" for r in RATIOS for n in sizes] + [f"recovery s (50%/{max(sizes)})"]
@@ -122,8 +127,9 @@ def main() -> None:
                  for r in RATIOS for n in sizes]
         rows.append([label, *cells, f"{results[(label, 0.5, max(sizes))][1]:.1f}"])
     notes = [
-        f"Model: {model_text}, original accuracy {base_acc:.2%} on {len(vx)} held-out images; criterion l1; "
-        f"width allocation: {args.allocation}. Cells: top-1 accuracy after recovery (change vs original, points). "
+        f"Model: {model_text}, original accuracy {base_acc:.2%} on {len(vx)} held-out images; "
+        f"criterion {args.criterion}; width allocation: {args.allocation}. "
+        "Cells: top-1 accuracy after recovery (change vs original, points). "
         "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images). "
         f"FLOPs kept (exact): {flops_text(log)}. No labels are used by any recovery method.",
         f"Recovery s: wall time of the recipe alone at 50% FLOPs with 1,024 images, {args.threads} threads on a "
@@ -131,7 +137,8 @@ def main() -> None:
     ]
     out = Path(args.out)
     previous = out.read_text() if (args.append and out.exists()) else None
-    title = f"{args.model}: recovery without retraining ({args.allocation} width allocation)"
+    extra = "" if args.criterion == "l1" else f", criterion {args.criterion}"
+    title = f"{args.model}: recovery without retraining ({args.allocation} width allocation{extra})"
     write_table(out, title, header, rows, notes)
     if previous is not None:
         out.write_text(previous + "\n" + out.read_text())

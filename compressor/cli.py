@@ -84,7 +84,7 @@ def compress_command(
     mean: str | None = typer.Option(None, help="Per-channel mean after scaling to [0,1] [ImageNet's]."),
     std: str | None = typer.Option(None, help="Per-channel std [ImageNet's]."),
     criterion: str | None = typer.Option(None, help=f"Channel criterion: {_criteria_choices()} (see `compress "
-                                              "criteria`) [l1]."),
+                                              "criteria`) [reconstruction with 64+ calibration images, else l1]."),
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "

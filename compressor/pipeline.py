@@ -17,7 +17,7 @@ from torch import nn
 from compressor import budget as budget_mod
 from compressor import evaluate, widths
 from compressor import graph as graph_mod
-from compressor.config import DEFAULT_CALIB_SIZE, DEFAULT_CRITERION, CompressConfig
+from compressor.config import DEFAULT_CALIB_SIZE, CompressConfig
 from compressor.criteria import ScoringContext, get_criterion
 from compressor.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_images
 from compressor.errors import BudgetError, CompressorError
@@ -160,7 +160,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
     output = _check_model_accepts(model, example)
     target = deploy.resolve_target(config.device, config.align)
-    criterion = get_criterion(config.criterion or DEFAULT_CRITERION)
+    criterion = get_criterion(config.criterion_for(len(calib.images) if calib is not None else 0))
     if criterion.needs_data and calib is None:
         raise CompressorError(f"criterion {criterion.name!r} needs calibration data; pass --calib or choose l1")
     with stages.stage("graph", "building the channel dependency graph"):

@@ -22,6 +22,7 @@ def test_resnet56_half_flops_end_to_end(tmp_path, cifar_resnet_file, resnet56_we
     for key in ("model", "budget", "criterion", "recovery", "flops", "macs", "params", "soundness", "export",
                 "latency", "timings_s", "versions", "accuracy"):
         assert key in report
+    assert report["criterion"] == "reconstruction"  # the default with 64+ calibration images
     assert report["flops"]["ratio"] <= 0.50
     assert report["flops"]["ratio"] >= 0.49
     assert report["soundness"]["max_abs_diff"] < 1e-3

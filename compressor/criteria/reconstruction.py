@@ -34,6 +34,7 @@ MIN_SAMPLES, MAX_SAMPLES = 4096, 16384
 MAX_DIM = 4096  # wider consumers (e.g. 512 x 3 x 3 inputs) are left out of the cost: H^-1 is too big to update
 STEP_FRACTION = 1 / 32  # channels removed per greedy step, as a fraction of those left (at least one) ...
 MAX_STEPS = 48  # ... and at least size / MAX_STEPS, so wide groups take a bounded number of H^-1 updates
+MAX_IMAGES = 256  # the Grams sample at most MAX_SAMPLES positions: more images only cost forward time
 
 
 def _consumer_layers(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, nn.Module]:
@@ -56,6 +57,8 @@ def _per_batch(dim: int, batch: int, total: int) -> int:
 def _grams(model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) -> dict[str, torch.Tensor]:
     """``X^T X`` (float64, CPU) of each layer's input patches plus a ones column, over sampled positions."""
     calib = require_calib(ctx, "reconstruction")
+    if len(calib) > MAX_IMAGES:  # strided: calibration data may be sorted by class
+        calib = calib[torch.linspace(0, len(calib) - 1, MAX_IMAGES).round().long()]
     gen = torch.Generator().manual_seed(ctx.seed)
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
@@ -108,7 +111,8 @@ def _post_bn_scale(model: nn.Module, layer_name: str, bn_of: dict[str, str], cou
 
 
 class _Consumer:
-    """One consumer layer's least-squares state, shrunk to the input columns still present."""
+    """One consumer layer's least-squares state. Removed columns stay in place with zeroed rows and
+    columns of ``H^-1`` and ``W`` (the OBS update leaves exactly that), so no matrix is ever re-indexed."""
 
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor, in_idx: list[int]) -> None:
         cout = weight.shape[0]
@@ -117,31 +121,32 @@ class _Consumer:
         self.w = torch.cat([w, torch.zeros(1, cout, dtype=torch.float64)], 0)
         damp = DAMPING * torch.diagonal(gram).mean().clamp_min(1e-12)
         self.hinv = torch.linalg.inv(gram + damp * torch.eye(gram.shape[0], dtype=torch.float64))
-        self.alive = torch.arange(gram.shape[0])  # original column of each current row/column, ascending
         self.in_idx = in_idx  # group channel -> consumer input channel
 
-    def _current(self, channels: list[int]) -> torch.Tensor:
-        """Current positions of the channels' columns: len(channels) x k2."""
+    def _columns(self, channels: list[int]) -> torch.Tensor:
+        """Columns of the channels' weights: len(channels) x k2."""
         first = torch.as_tensor([self.in_idx[c] * self.k2 for c in channels])
-        cols = first.unsqueeze(1) + torch.arange(self.k2)
-        return torch.searchsorted(self.alive, cols)
+        return first.unsqueeze(1) + torch.arange(self.k2)
 
     def costs(self, channels: list[int]) -> torch.Tensor:
-        cols = self._current(channels)  # C x k2
+        cols = self._columns(channels)  # C x k2
         blocks = self.hinv[cols.unsqueeze(-1), cols.unsqueeze(-2)]  # C x k2 x k2
         wb = self.w[cols]  # C x k2 x Cout
         sol = torch.linalg.solve(blocks, wb)
         return (wb * sol).sum(dim=(1, 2))
 
     def remove(self, channels: list[int]) -> None:
-        cols = self._current(channels).reshape(-1)
-        keep = torch.ones(len(self.alive), dtype=torch.bool)
-        keep[cols] = False
-        block = self.hinv[cols][:, cols]
-        left = self.hinv[keep][:, cols]  # kept x r
-        self.w = self.w[keep] - left @ torch.linalg.solve(block, self.w[cols])
-        self.hinv = self.hinv[keep][:, keep] - left @ torch.linalg.solve(block, left.T)
-        self.alive = self.alive[keep]
+        """Drop the channels' columns and refit the rest: ``W -= H^-1[:, b] H^-1[b, b]^-1 W[b]`` and the
+        matching rank update of ``H^-1``, which equals the inverse of the Gram restricted to the columns left."""
+        cols = self._columns(channels).reshape(-1)
+        left = self.hinv[:, cols]  # D x r
+        solved = torch.linalg.solve(left[cols], torch.cat([self.w[cols], left.T], 1))  # r x (Cout + D)
+        cout = self.w.shape[1]
+        self.w -= left @ solved[:, :cout]
+        self.hinv -= left @ solved[:, cout:]
+        self.w[cols] = 0.0
+        self.hinv[cols] = 0.0
+        self.hinv[:, cols] = 0.0
 
 
 def _eliminate(consumers: list[_Consumer], size: int) -> torch.Tensor:

@@ -69,6 +69,7 @@ def test_compress_help_lists_registry_choices_and_defaults():
         assert name in text, name
     # bracketed defaults survive (no markup processing swallows them)
     assert "[lsq with --calib, else datafree]" in text and "[sensitivity with --calib, else global]" in text
+    assert "[reconstruction with 64+ calibration images, else l1]" in text
 
 
 def test_criteria_lists_registry():
@@ -165,6 +166,7 @@ def test_end_to_end_small_network(workspace):
     result = invoke(*base_args(workspace, out), *eval_args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
+    assert report["criterion"] == "l1"  # 24 calibration images: too few for the data-driven default
     assert 0.49 <= report["flops"]["ratio"] <= 0.50
     assert report["macs"]["ratio"] == pytest.approx(report["flops"]["ratio"])
     assert report["soundness"]["max_abs_diff"] < 1e-4
