@@ -92,8 +92,8 @@ def main() -> None:
     for n in sizes:
         # a strided subset: the loader returns images grouped by class
         calib = calib_all[torch.linspace(0, len(calib_all) - 1, n).round().long()]
-        ctx = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
-        scores = get_criterion(args.criterion).score(ctx)
+        scoring = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
+        scores = get_criterion(args.criterion).score(scoring)
         full = graph_mod.estimate_macs(graph, {g.id: g.size for g in graph.groups if g.prunable})
         for ratio in RATIOS:
             t0 = time.perf_counter()

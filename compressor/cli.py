@@ -62,6 +62,12 @@ def _criteria_choices() -> str:
     return ", ".join(list_criteria())
 
 
+def _criterion_default() -> str:
+    from compressor.config import DATA_CRITERION, DATA_CRITERION_MIN_IMAGES, DEFAULT_CRITERION
+
+    return f"[{DATA_CRITERION} with {DATA_CRITERION_MIN_IMAGES}+ calibration images, else {DEFAULT_CRITERION}]"
+
+
 @app.command("compress")
 def compress_command(
     model: str = typer.Argument(..., metavar="MODEL", help="torchvision:NAME, path/file.py:CALLABLE, or model.pt "
@@ -84,7 +90,7 @@ def compress_command(
     mean: str | None = typer.Option(None, help="Per-channel mean after scaling to [0,1] [ImageNet's]."),
     std: str | None = typer.Option(None, help="Per-channel std [ImageNet's]."),
     criterion: str | None = typer.Option(None, help=f"Channel criterion: {_criteria_choices()} (see `compress "
-                                              "criteria`) [reconstruction with 64+ calibration images, else l1]."),
+                                              f"criteria`) {_criterion_default()}."),
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
