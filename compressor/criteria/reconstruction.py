@@ -35,7 +35,7 @@ MAX_DIM = 4096  # wider consumers (e.g. 512 x 3 x 3 inputs) are left out of the 
 # Channels removed per greedy step: a fraction of those left (at least one) and at least size / MAX_STEPS,
 # so wide groups take a bounded number of H^-1 updates. Halving the steps from (1/32, 48) cut ResNet-56's
 # scoring from 4-7 s to 3.5-4.5 s; accuracy after recovery moved -0.9..+0.6 points over 10 benchmark cells
-# (ResNet-56, resnet18, mobilenet_v2), +0.0 on average.
+# (ResNet-56, resnet18, mobilenet_v2), -0.01 on average.
 STEP_FRACTION = 1 / 16
 MAX_STEPS = 24
 MAX_IMAGES = 256  # the Grams sample at most MAX_SAMPLES positions: more images only cost forward time
