@@ -131,6 +131,16 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def run_hooked(model: nn.Module, x: torch.Tensor, handles: list) -> None:
+    """Run ``model(x)`` without gradients for its hooks' sake, then remove the hooks ``handles`` (also on error)."""
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     if isinstance(out, (tuple, list)):

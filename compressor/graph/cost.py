@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from compressor.graph.core import ChannelGraph, _is_depthwise, _Layer, device_of
+from compressor.graph.core import ChannelGraph, _is_depthwise, _Layer, device_of, run_hooked
 
 
 def _build_cost_table(graph: ChannelGraph) -> None:
@@ -20,12 +20,7 @@ def _build_cost_table(graph: ChannelGraph) -> None:
                 ch = mod.out_channels if isinstance(mod, nn.modules.conv._ConvNd) else mod.out_features
                 positions[name] = positions.get(name, 0) + out.numel() // ch // max(1, out.shape[0])
             hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, x, hooks)
     by_key: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for gid, links in graph._links.items():
         for link in links:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
+from compressor.graph.core import run_hooked
 from compressor.recovery.base import RecoveryContext
 
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
@@ -45,12 +46,7 @@ def execution_order(model: nn.Module, x: torch.Tensor, types=LAYER_TYPES) -> lis
     for name, module in model.named_modules():
         if isinstance(module, types):
             handles.append(module.register_forward_pre_hook(lambda _m, _i, n=name: order.append(n)))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, x, handles)
     seen: set[str] = set()
     return [n for n in order if not (n in seen or seen.add(n))]
 
@@ -84,12 +80,7 @@ def conv_bn_pairs(model: nn.Module, x: torch.Tensor) -> dict[str, str]:
             handles.append(module.register_forward_hook(on_layer(name)))
         elif isinstance(module, BN_TYPES):
             handles.append(module.register_forward_pre_hook(on_bn(name)))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, x, handles)
     return pairs
 
 
@@ -117,11 +108,6 @@ def image_cap(model: nn.Module, calib: torch.Tensor, device: str) -> int:
     for m in model.modules():
         if not list(m.children()):
             handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(calib[:1].to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, calib[:1].to(device), handles)
     per_image = max(1, largest) * 6  # a few live activations plus the gathered patches
     return max(8, min(len(calib), int(MEMORY_BUDGET // per_image)))

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from compressor.graph.core import run_hooked
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
 from compressor.recovery.common import (
@@ -141,12 +142,7 @@ def _refit_hooks(original, pruned, kept, calib, names, *, fit_bias, per_dim, lo,
             mod = model.get_submodule(n)
             reg = mod.register_forward_hook if kind == "forward" else mod.register_forward_pre_hook
             handles.append(reg(make(n)))
-        try:
-            with torch.no_grad():
-                model(calib)
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(model, calib, handles)
     return {n: st.get("info", {"status": "skipped"}) for n, st in state.items()}
 
 
