@@ -1,7 +1,13 @@
-"""Factories for the CIFAR ResNets of other depths in ../shared (the model file builds depth 56 by default)."""
+"""CIFAR model factories for the benchmarks.
+
+The CIFAR ResNets of other depths in ../shared (its model file builds depth 56 by default), and
+``vgg_cifar``: a plain VGG-style network (no shortcuts) trained here by ``bench/train_cifar.py``.
+"""
 
 import importlib.util
 from pathlib import Path
+
+from torch import nn
 
 _spec = importlib.util.spec_from_file_location(
     "shared_cifar_resnet", Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar_resnet.py"
@@ -16,3 +22,27 @@ def resnet20():
 
 def resnet56():
     return _module.CifarResNet(56)
+
+
+# VGG-11's layout at half width: conv widths, "M" = 2x2 max pooling (32x32 -> 2x2 before the classifier)
+VGG_LAYOUT = (32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256)
+
+
+def vgg_cifar(num_classes: int = 10) -> nn.Module:
+    """Plain VGG-style CIFAR network: 8 conv-BN-ReLU layers, 4 max-pools, a two-layer classifier on the 2 x 2 map.
+
+    The classifier flattens a 256 x 2 x 2 map, so each pruned channel removes four inputs of the
+    first linear layer (the graph must map channels through the flatten).
+    """
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in VGG_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        layers += [nn.Conv2d(channels, item, 3, padding=1, bias=False), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+        channels = item
+    return nn.Sequential(
+        *layers, nn.Flatten(),
+        nn.Linear(channels * 4, 256), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, num_classes),
+    )

@@ -18,6 +18,9 @@ Run (the tables of bench/results/recovery.md):
     python bench/recovery.py --criterion reconstruction --recipes lsq --append   # the pipeline's default criterion
     python bench/recovery.py --model resnet18 --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
     python bench/recovery.py --model mobilenet_v2 --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
+    python bench/train_cifar.py --arch vgg_cifar && python bench/recovery.py --model vgg_cifar --calib-sizes 1024 \
+        --recipes bn,lsq,bn+lsq --append
+    python bench/recovery.py --model vgg_cifar --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def accuracy(model, images, labels) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="resnet56",
-                        choices=("resnet56", "resnet20", "digits", "resnet18", "mobilenet_v2"))
+                        choices=("resnet56", "resnet20", "digits", "resnet18", "mobilenet_v2", "vgg_cifar"))
     parser.add_argument("--allocation", default="sensitivity", choices=("global", "sensitivity"))
     parser.add_argument("--criterion", default="l1", help="channel criterion (registry name)")
     parser.add_argument("--val", type=int, default=5000)
@@ -156,7 +159,7 @@ def load_case(name: str, calib_size: int, load_resnet, load_images):
         calib = load_images(paths["calib"], limit=calib_size, seed=0, mean=MEAN, std=STD).images
         val = load_images(paths["eval"], mean=MEAN, std=STD, labelled=True, what="evaluation")
         return model, calib, val, "`compress demo`'s DigitsNet (VGG-style, sklearn digits 1x16x16, trained here)"
-    if name in ("resnet18", "mobilenet_v2"):
+    if name in ("resnet18", "mobilenet_v2", "vgg_cifar"):
         from train_cifar import build, weights_path
 
         path = weights_path(name)
@@ -165,8 +168,9 @@ def load_case(name: str, calib_size: int, load_resnet, load_images):
         model = build(name)
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
-        text = (f"torchvision `{name}` (num_classes=10, ImageNet stem) trained here on the CIFAR-10 JPEGs by "
-                "bench/train_cifar.py")
+        arch = "`vgg_cifar` (plain VGG-style, bench/cifar_models.py)" if name == "vgg_cifar" else (
+            f"torchvision `{name}` (num_classes=10, ImageNet stem)")
+        text = f"{arch} trained here on the CIFAR-10 JPEGs by bench/train_cifar.py"
     else:
         weights, depth = {"resnet56": ("resnet56-cifar10-jpeg.pt", 56),
                           "resnet20": ("resnet20-cifar10-png.th", 20)}[name]

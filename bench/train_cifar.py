@@ -7,9 +7,11 @@ shortcuts) and ``mobilenet_v2`` (inverted residuals, depthwise convolutions), un
 their state_dicts outside the repository (``~/.cache/cnn-compressor/cifar/ARCH.pt``). Their stems
 are ImageNet's (stride 4 for resnet18, 2 for mobilenet_v2, on 32x32 images), which keeps training
 affordable on a CPU at the price of accuracy; the benchmark measures the change from each network's
-own accuracy, so a modest starting point serves.
+own accuracy, so a modest starting point serves. ``vgg_cifar`` (``bench/cifar_models.py``) is a
+plain VGG-style network at CIFAR resolution: eight conv-BN-ReLU layers, max pooling, two linear layers.
 
 Run: python bench/train_cifar.py --arch resnet18 && python bench/train_cifar.py --arch mobilenet_v2
+     python bench/train_cifar.py --arch vgg_cifar
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ import torch.nn.functional as F
 from common import CIFAR_MEAN, CIFAR_STD, TRAIN, VAL, require_shared
 
 CACHE = Path.home() / ".cache" / "cnn-compressor" / "cifar"
-ARCHS = ("resnet18", "mobilenet_v2")
+ARCHS = ("resnet18", "mobilenet_v2", "vgg_cifar")
 
 
 def build(arch: str) -> torch.nn.Module:
-    """The torchvision architecture ``arch`` with 10 outputs, randomly initialised."""
+    """The architecture ``arch`` with 10 outputs, randomly initialised (torchvision's, or ours for vgg_cifar)."""
+    if arch == "vgg_cifar":
+        from cifar_models import vgg_cifar
+
+        return vgg_cifar()
     import torchvision.models as tvm
 
     return tvm.get_model(arch, weights=None, num_classes=10)
