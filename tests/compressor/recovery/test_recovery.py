@@ -295,6 +295,30 @@ def test_allocate_widths_measures_widths_below_the_narrowest_probe(monkeypatch):
     assert any(c < lowest_ok[gid] for gid, c in measured), measured  # the refinement looked below the probes
 
 
+@pytest.mark.parametrize("calib_size, probe, fit", [(64, 16, 48), (128, 64, 64), (1024, 64, 64)])
+def test_probe_slice_leaves_images_for_the_refits(monkeypatch, calib_size, probe, fit):
+    """64 probe images when there are enough; 16 on small sets, so the refits keep at least 48 others."""
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    calib = images(calib_size, 3)
+    seen = {}
+    real = sensitivity._consumer_grams
+
+    def capture(graph_, fit_images, device):
+        seen["fit"] = fit_images
+        return real(graph_, fit_images, device)
+
+    monkeypatch.setattr(sensitivity, "_consumer_grams", capture)
+    prober = sensitivity._make_prober(graph, calib, "cpu")
+    assert len(prober.probe) == probe
+    assert len(seen["fit"]) == fit
+    distance = torch.cdist(prober.probe.flatten(1), seen["fit"].flatten(1))
+    assert float(distance.min()) > 0, "a probe image was also used for the refits"
+
+
 def test_lsq_without_fx_tracing_uses_hooks_and_still_helps():
     from compressor.recovery.lsq import LeastSquaresReconstruction
 
