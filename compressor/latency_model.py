@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compressor.graph.core import device_of, run_hooked
+
 BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "int8": 1}
 
 
@@ -100,15 +102,8 @@ def estimate_latency(model: nn.Module, example_input: torch.Tensor, profile, pre
     was_training = model.training
     try:
         model.eval()
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
-        with torch.no_grad():
-            model(example_input.to(device))
+        run_hooked(model, example_input.to(device_of(model)), handles)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     total = sum(layer.ms for layer in layers)
     return LatencyEstimate(profile.name, precision, int(example_input.shape[0]), total, layers)

@@ -26,6 +26,7 @@ from torch import fx, nn
 from compressor import budget as budget_mod
 from compressor import graph as graph_mod
 from compressor.errors import BudgetError
+from compressor.graph.core import run_hooked
 from compressor.recovery.common import LAYER_TYPES
 from compressor.recovery.lsq import run_node
 from compressor.recovery.lsq_solve import conv_patches, sample_positions, values_at
@@ -178,12 +179,7 @@ def _consumer_grams(graph: graph_mod.ChannelGraph, fit: torch.Tensor, device: st
             d = module.weight[0].numel() + 1
             if d <= MAX_GRAM_DIM:
                 handles.append(module.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            model(fit.to(device))
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, fit.to(device), handles)
     return grams
 
 

@@ -99,11 +99,8 @@ def count_macs_params(model: nn.Module, example_input: torch.Tensor) -> tuple[in
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(example_input[:1].to(device_of(model)))
+        run_hooked(model, example_input[:1].to(device_of(model)), hooks)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     return int(macs[0]), int(params)
