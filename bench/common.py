@@ -16,6 +16,16 @@ CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 
 
+def _keep_heap() -> None:
+    """Benchmarks are processes of their own, like ``compress``: same allocator setting as the CLI."""
+    from compressor.allocator import keep_large_allocations
+
+    keep_large_allocations()
+
+
+_keep_heap()
+
+
 def require_shared() -> None:
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the benchmarks need the reference data in ../shared beside the repo")

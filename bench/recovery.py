@@ -4,23 +4,25 @@ Composes library calls (graph, criterion (l1 unless --criterion), width allocati
 ResNet-56 (../shared, accuracy on all 5,000 val.tar.gz images), ResNet-20 (../shared, trained on
 PNG images: a domain shift), the VGG-style digits network of ``compress demo`` (trained here,
 accuracy on its 450 held-out digits), and torchvision's resnet18 and mobilenet_v2 trained here on
-the CIFAR-10 JPEGs by ``bench/train_cifar.py`` (architectures the recipe was not developed on).
+the CIFAR-10 JPEGs by ``bench/train_cifar.py``, and ``vgg_cifar`` (a plain VGG-style CIFAR network,
+``bench/cifar_models.py``, trained the same way): architectures the recipe was not developed on.
 Writes bench/results/recovery.md.
 
-Run (the tables of bench/results/recovery.md):
-    python bench/recovery.py
-    python bench/recovery.py --model resnet20 --calib-sizes 1024 --val 2000 --append
-    python bench/recovery.py --model digits --append
-    python bench/train_cifar.py --arch resnet18 && python bench/recovery.py --model resnet18 --calib-sizes 1024 --append
-    python bench/train_cifar.py --arch mobilenet_v2 && python bench/recovery.py --model mobilenet_v2 \
-        --calib-sizes 1024 --append
-    python bench/recovery.py --calib-sizes 1024 --recipes bn+lsq,bn+lsq+mimic --append
-    python bench/recovery.py --criterion reconstruction --recipes lsq --append   # the pipeline's default criterion
-    python bench/recovery.py --model resnet18 --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
-    python bench/recovery.py --model mobilenet_v2 --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
-    python bench/train_cifar.py --arch vgg_cifar && python bench/recovery.py --model vgg_cifar --calib-sizes 1024 \
-        --recipes bn,lsq,bn+lsq --append
-    python bench/recovery.py --model vgg_cifar --criterion reconstruction --calib-sizes 1024 --recipes lsq --append
+Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,bn+lsq):
+    python bench/recovery.py --criterion reconstruction --recipes $R    # ResNet-56, the default criterion
+    python bench/recovery.py --criterion l1 --recipes $R --append
+    python bench/train_cifar.py --arch vgg_cifar    # likewise resnet18, mobilenet_v2 (weights in ~/.cache)
+    python bench/recovery.py --model vgg_cifar --criterion reconstruction --recipes $R --append
+    python bench/recovery.py --model vgg_cifar --criterion l1 --recipes lsq --append
+    python bench/recovery.py --model resnet20 --criterion reconstruction --calib-sizes 1024 --val 2000 \
+        --recipes $R --append
+    python bench/recovery.py --model resnet20 --criterion l1 --calib-sizes 1024 --val 2000 --recipes lsq --append
+    python bench/recovery.py --model resnet18 --criterion reconstruction --calib-sizes 1024 --recipes $R --append
+    python bench/recovery.py --model resnet18 --criterion l1 --calib-sizes 1024 --recipes lsq --append
+    python bench/recovery.py --model mobilenet_v2 --criterion reconstruction --calib-sizes 1024 --recipes $R --append
+    python bench/recovery.py --model mobilenet_v2 --criterion l1 --calib-sizes 1024 --recipes lsq --append
+    python bench/recovery.py --model digits --criterion reconstruction --recipes $R --append
+    python bench/recovery.py --calib-sizes 1024 --recipes bn+lsq,bn+lsq+mimic --append   # minutes per cell on a CPU
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ def main() -> None:
     ]
     out = Path(args.out)
     previous = out.read_text() if (args.append and out.exists()) else None
-    extra = "" if args.criterion == "l1" else f", criterion {args.criterion}"
-    title = f"{args.model}: recovery without retraining ({args.allocation} width allocation{extra})"
+    title = (f"{args.model}: recovery without retraining "
+             f"({args.allocation} width allocation, criterion {args.criterion})")
     write_table(out, title, header, rows, notes)
     if previous is not None:
         out.write_text(previous + "\n" + out.read_text())

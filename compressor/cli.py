@@ -241,6 +241,9 @@ def bench_command(
 def main() -> None:  # pragma: no cover - the `compress` console entry and `python -m compressor.cli`
     """Run the CLI, then leave without tearing the interpreter down: every output is written and
     closed by then, and freeing a run's tensors and modules one by one takes about a second."""
+    from compressor.allocator import keep_large_allocations
+
+    keep_large_allocations()
     code = 0
     try:
         app()

@@ -69,6 +69,10 @@ class _Prober:
             self.gm = None
         with torch.no_grad():
             if self.gm is not None:
+                nodes = list(self.gm.graph.nodes)
+                # a probe drops each activation after its last reader: the allocator then reuses warm memory
+                # (keeping them all made the element-wise ops several times slower than in a plain forward)
+                self.last_reader = {a: i for i, node in enumerate(nodes) for a in node.all_input_nodes}
                 self.cache: dict[fx.Node, object] = {}
                 for node in self.gm.graph.nodes:
                     value = run_node(self.gm, node, self.cache, self.probe)
@@ -92,7 +96,7 @@ class _Prober:
         env: dict[fx.Node, object] = {}
         dirty: set[fx.Node] = set()
         root = _Root(model, self.gm)
-        for node in self.gm.graph.nodes:
+        for position, node in enumerate(self.gm.graph.nodes):
             if node.op == "get_attr":  # buffers (e.g. index maps) may have changed with the pruning
                 value = run_node(root, node, env, self.probe)
                 cached = self.cache[node]
@@ -120,6 +124,9 @@ class _Prober:
                 if isinstance(first, fx.Node) and first not in dirty and isinstance(env.get(first), torch.Tensor):
                     env[first] = env[first].clone()  # never mutate a cached activation
             env[node] = run_node(root, node, env, self.probe)
+            for a in node.all_input_nodes:
+                if self.last_reader[a] == position:
+                    env.pop(a, None)
         return None
 
     @staticmethod

@@ -319,6 +319,53 @@ def test_probe_slice_leaves_images_for_the_refits(monkeypatch, calib_size, probe
     assert float(distance.min()) > 0, "a probe image was also used for the refits"
 
 
+class TinyResidual(nn.Module):
+    """A stem and two residual blocks (identity shortcuts, an in-place ReLU): probes re-run part of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True),
+                          nn.Conv2d(24, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+            for _ in range(2)
+        )
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = F.relu(x + block(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_probe_equals_running_the_pruned_model():
+    """A probe re-runs only what the pruning changed, from cached activations it drops after their last
+    reader: its distortion must equal that of the whole pruned model on the probe images, every time."""
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    torch.manual_seed(0)
+    model = TinyResidual().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    graph = graph_mod.build_graph(model, images(1, 0))
+    prober = sensitivity._make_prober(graph, images(96, 5), "cpu", refit=False)
+    prunable = [g for g in graph.groups if g.prunable]
+    assert len(prunable) >= 2
+    for g in prunable:
+        plan = {g.id: torch.arange(0, g.size, 2)}
+        pruned = graph_mod.apply_plan(graph, plan)
+        with torch.no_grad():
+            expected = sensitivity._distortion(model(prober.probe), pruned.model(prober.probe))
+        first = prober.distortion(plan, refit=False)
+        assert first == pytest.approx(expected, rel=1e-4, abs=1e-7), g.root
+        assert expected > 0
+        assert prober.distortion(plan, refit=False) == first  # the cached activations were left intact
+
+
 def test_lsq_without_fx_tracing_uses_hooks_and_still_helps():
     from compressor.recovery.lsq import LeastSquaresReconstruction
 
