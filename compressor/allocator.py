@@ -5,7 +5,7 @@ fresh ``mmap`` and returns it to the kernel on free, so each new activation of t
 for again in page faults and zeroing. The recovery's full-batch passes create hundreds of them
 (ResNet-56 with 1,024 CIFAR images: 67 MB per stage-1 activation): a ReLU of one took 33 ms
 instead of 9 ms, and raising the thresholds cut the whole reference run's recovery from 16.7 to
-13.3 s, for about 0.6 GB more peak memory. The CLI calls :func:`keep_large_allocations` once at
+13.3 s, for 0.4-0.7 GB more peak memory. The CLI calls :func:`keep_large_allocations` once at
 start; the library never changes the allocator of a process it is imported into.
 """
 
