@@ -319,6 +319,25 @@ def test_probe_slice_leaves_images_for_the_refits(monkeypatch, calib_size, probe
     assert float(distance.min()) > 0, "a probe image was also used for the refits"
 
 
+def test_probe_slice_shrinks_to_fit_the_activation_cache(monkeypatch):
+    """The prober caches every activation of the original on its probe images: with large inputs it takes
+    fewer images rather than exhaust memory."""
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    calib = images(1024, 3)
+    full = sensitivity._make_prober(graph, calib, "cpu", refit=False)
+    assert len(full.probe) == sensitivity.PROBE_IMAGES
+    per_image = full._bytes_per_image()
+    monkeypatch.setattr(sensitivity, "CACHE_BUDGET", 10.5 * per_image)
+    small = sensitivity._make_prober(graph, calib, "cpu", refit=False)
+    assert len(small.probe) == 10
+    cached = sum(v.numel() * v.element_size() for v in small.cache.values() if isinstance(v, torch.Tensor))
+    assert cached <= sensitivity.CACHE_BUDGET
+
+
 class TinyResidual(nn.Module):
     """A stem and two residual blocks (identity shortcuts, an in-place ReLU): probes re-run part of it."""
 
