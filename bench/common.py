@@ -7,6 +7,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compressor.allocator import keep_large_allocations
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MODELS = SHARED / "models"
@@ -16,14 +18,7 @@ CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 
 
-def _keep_heap() -> None:
-    """Benchmarks are processes of their own, like ``compress``: same allocator setting as the CLI."""
-    from compressor.allocator import keep_large_allocations
-
-    keep_large_allocations()
-
-
-_keep_heap()
+keep_large_allocations()  # benchmarks are processes of their own, like `compress`: same allocator setting
 
 
 def require_shared() -> None:

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import time
@@ -28,20 +27,19 @@ STAGES = ("evaluate", "score", "search", "recover", "export", "latency")
 
 def run_once(budget: int, seed: int, out: Path) -> tuple[dict, float, float]:
     """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process."""
-    exe = shutil.which("compress") or "compress"
     cmd = [
-        exe, f"{MODELS / 'cifar_resnet.py'}:CifarResNet", "--weights", str(MODELS / "resnet56-cifar10-jpeg.pt"),
+        "compress", f"{MODELS / 'cifar_resnet.py'}:CifarResNet", "--weights", str(MODELS / "resnet56-cifar10-jpeg.pt"),
         "--budget", f"{budget}%flops", "--calib", str(TRAIN), "--eval", str(VAL),
         "--mean", ",".join(map(str, CIFAR_MEAN)), "--std", ",".join(map(str, CIFAR_STD)),
         "--device", "cpu", "--seed", str(seed), "--out", str(out), "--force", "--quiet",
     ]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage (getrusage would give the max)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"compress exited with {proc.returncode}: {' '.join(cmd)}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"compress exited with {code}: {' '.join(cmd)}")
     return json.loads((out / "report.json").read_text()), wall, usage.ru_maxrss / 1e6  # Linux: kilobytes
 
 
