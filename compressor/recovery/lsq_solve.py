@@ -117,7 +117,9 @@ def _solve(
     return _relu_rounds(x, y, b_t + b_h, _ridge_solver(g_t + g_h, best_alpha, w_old), relu), info
 
 
-RELU_ROUNDS = 5
+# Two rounds: against five, the same accuracy within 0.1 point after the default recipe (ResNet-56,
+# vgg_cifar at 50% and 40%; resnet18, mobilenet_v2 at 50%) and 2-3 s less on ResNet-56.
+RELU_ROUNDS = 2
 
 
 def _relu_rounds(x, y, b, solver, relu):
