@@ -32,6 +32,25 @@ def ratio_block(original: float, pruned: float) -> dict[str, float]:
     return {"original": original, "pruned": pruned, "ratio": pruned / original if original else 0.0}
 
 
+def latency_spread_note(lat: dict[str, Any]) -> str | None:
+    """A warning when the measured speed-up is inside the run-to-run spread of the measurement.
+
+    The p50 difference is compared with the larger p50-to-p90 spread of the two models: a small
+    network on a CPU is bound by per-layer overhead, so fewer FLOPs may not show, and a sub-1x
+    figure there is noise, not a slower model. Estimates (device profiles) get no note.
+    """
+    if lat.get("estimate"):
+        return None
+    o, p = lat["original_ms"], lat["pruned_ms"]
+    spread = max(o["p90"] - o["p50"], p["p90"] - p["p50"], 0.0)
+    if abs(o["p50"] - p["p50"]) > spread:
+        return None
+    return (f"the latency difference ({abs(o['p50'] - p['p50']):.3f} ms) is within the run-to-run spread "
+            f"(p50 to p90: {spread:.3f} ms): no measurable change at batch {lat['batch_size']}; small, fast models "
+            "are often bound by per-layer overhead rather than FLOPs (try --batch-size, or measure on the target "
+            "device)")
+
+
 @dataclass
 class Report:
     """A dictionary with the stable keys of ``report.json`` plus rendering helpers."""
@@ -66,6 +85,9 @@ class Report:
                 f"{lat['original_ms']['p50']:.3f} ms -> {lat['pruned_ms']['p50']:.3f} ms (p50), "
                 f"speed-up {lat['speedup']:.2f}x"
             )
+            spread = latency_spread_note(lat)
+            if spread:
+                lines.append(f"note: {spread}")
         excluded = d["soundness"]["excluded_groups"]
         if excluded:
             lines.append(f"{len(excluded)} group(s) left unpruned: " + "; ".join(
@@ -124,6 +146,9 @@ def render_markdown(d: dict[str, Any]) -> str:
             ms = lat[f"{name}_ms"]
             out.append(f"| {name} | {_fmt(ms['p50'])} | {_fmt(ms['p90'])} | {_fmt(ms['p99'])} |")
         out += ["", f"Speed-up: **{lat['speedup']:.2f}x**."]
+        spread = latency_spread_note(lat)
+        if spread:
+            out += ["", f"Note: {spread[0].upper()}{spread[1:]}."]
     for extra in d.get("latency_other", []):
         out.append(f"- also {extra['backend']} on {extra['device']}: {extra['original_ms']['p50']:.3f} -> "
                    f"{extra['pruned_ms']['p50']:.3f} ms p50 ({extra['speedup']:.2f}x)")

@@ -1,0 +1,44 @@
+"""The report's latency note: a speed-up inside the measurement's spread is called no measurable change."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.report import Report, latency_spread_note, render_markdown
+
+
+def _latency(original: tuple[float, float], pruned: tuple[float, float], **extra) -> dict:
+    (o50, o90), (p50, p90) = original, pruned
+    return {
+        "backend": "onnxruntime", "device": "cpu", "batch_size": 1, "speedup": o50 / p50,
+        "original_ms": {"p50": o50, "p90": o90, "p99": o90}, "pruned_ms": {"p50": p50, "p90": p90, "p99": p90},
+        **extra,
+    }
+
+
+def _report(lat: dict) -> Report:
+    block = {"original": 100.0, "pruned": 50.0, "ratio": 0.5}
+    return Report({
+        "model": "m", "budget": {"text": "50%flops", "kind": "flops", "target": 0.5}, "criterion": "l1",
+        "recovery": ["lsq"], "flops": block, "macs": block, "params": block,
+        "soundness": {"max_abs_diff": 0.0, "excluded_groups": []}, "export": {}, "latency": lat,
+        "timings_s": {"total": 1.0}, "versions": {},
+    })
+
+
+@pytest.mark.parametrize(("original", "pruned", "noted"), [
+    ((0.290, 0.347), (0.297, 0.334), True),  # the demo network: 0.97x, well inside the spread
+    ((0.363, 0.380), (0.428, 0.440), False),  # slower by more than the spread: reported as measured
+    ((3.03, 3.20), (2.60, 2.75), False),  # a real 1.17x speed-up
+])
+def test_note_only_when_the_difference_is_inside_the_spread(original, pruned, noted):
+    lat = _latency(original, pruned)
+    note = latency_spread_note(lat)
+    assert (note is not None) == noted
+    report = _report(lat)
+    assert any(line.startswith("note: the latency difference") for line in report.summary_lines()) == noted
+    assert ("no measurable change" in render_markdown(report.data)) == noted
+
+
+def test_estimates_get_no_note():
+    assert latency_spread_note(_latency((1.0, 1.2), (1.0, 1.2), estimate=True)) is None
