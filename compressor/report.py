@@ -39,9 +39,9 @@ def latency_spread_note(lat: dict[str, Any]) -> str | None:
     network on a CPU is bound by per-layer overhead, so fewer FLOPs may not show, and a sub-1x
     figure there is noise, not a slower model. Estimates (device profiles) get no note.
     """
-    if lat.get("estimate"):
+    o, p = lat.get("original_ms", {}), lat.get("pruned_ms", {})
+    if lat.get("estimate") or not all(k in ms for ms in (o, p) for k in ("p50", "p90")):
         return None
-    o, p = lat["original_ms"], lat["pruned_ms"]
     spread = max(o["p90"] - o["p50"], p["p90"] - p["p50"], 0.0)
     if abs(o["p50"] - p["p50"]) > spread:
         return None

@@ -40,5 +40,8 @@ def test_note_only_when_the_difference_is_inside_the_spread(original, pruned, no
     assert ("no measurable change" in render_markdown(report.data)) == noted
 
 
-def test_estimates_get_no_note():
+def test_estimates_and_incomplete_blocks_get_no_note():
     assert latency_spread_note(_latency((1.0, 1.2), (1.0, 1.2), estimate=True)) is None
+    lat = _latency((1.0, 1.2), (1.0, 1.2))
+    del lat["pruned_ms"]["p90"]
+    assert latency_spread_note(lat) is None
