@@ -43,10 +43,14 @@ def run_cifar(weights: str, budget: str, depth: int = 56, **overrides) -> tuple[
         return report.data, time.perf_counter() - start
 
 
-def write_table(path: Path, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> None:
+def write_table(path: Path, title: str, header: list[str], rows: list[list[str]], notes: list[str],
+                append: bool = False) -> None:
+    """Write a Markdown table under ``title`` and ``notes``; ``append`` adds it after what ``path`` holds."""
     lines = [f"# {title}", ""] + notes + ["", "| " + " | ".join(header) + " |",
                                            "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    print(path.read_text())
+    previous = path.read_text() + "\n" if (append and path.exists()) else ""
+    path.write_text(previous + text)
+    print(text)

@@ -142,13 +142,9 @@ def main() -> None:
         f"Recovery s: wall time of the recipe alone at 50% FLOPs with 1,024 images, {args.threads} threads on a "
         "shared 2-core machine (other jobs were running, so times are upper bounds).",
     ]
-    out = Path(args.out)
-    previous = out.read_text() if (args.append and out.exists()) else None
     title = (f"{args.model}: recovery without retraining "
              f"({args.allocation} width allocation, criterion {args.criterion})")
-    write_table(out, title, header, rows, notes)
-    if previous is not None:
-        out.write_text(previous + "\n" + out.read_text())
+    write_table(Path(args.out), title, header, rows, notes, append=args.append)
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(e) + "\n" for e in log))
 

@@ -119,11 +119,7 @@ def main() -> None:
         "s: wall time of scoring, allocation and recovery over all stages "
         f"({args.threads} threads, shared 2-core machine).",
     ]
-    out = Path(args.out)
-    previous = out.read_text() if (args.append and out.exists()) else None
-    write_table(out, f"{args.model}: pruning in stages", header, rows, notes)
-    if previous is not None:
-        out.write_text(previous + "\n" + out.read_text())
+    write_table(Path(args.out), f"{args.model}: pruning in stages", header, rows, notes, append=args.append)
 
 
 if __name__ == "__main__":
