@@ -38,8 +38,8 @@ import torch
 from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shared, write_table
 
 RECIPES = {"none": [], "bn": ["bn"], "bias+bn": ["bias", "bn"], "lsq": ["lsq"], "bn+lsq": ["bn", "lsq"],
-           "lsq+mimic": ["lsq", "mimic"], "bn+lsq+mimic": ["bn", "lsq", "mimic"]}
-DEFAULT_ROWS = ("none", "bn", "bias+bn", "lsq", "bn+lsq")  # mimic takes minutes a cell on a CPU: opt in
+           "lsq+mimic": ["lsq", "mimic"], "bn+lsq+mimic": ["bn", "lsq", "mimic"], "lsq+block": ["lsq", "block"]}
+DEFAULT_ROWS = ("none", "bn", "bias+bn", "lsq", "bn+lsq")  # mimic and block take minutes a cell on a CPU: opt in
 CALIB_SIZES = (64, 256, 1024)
 RATIOS = (0.5, 0.4)
 

@@ -122,10 +122,11 @@ HELD_OUT = images(256, 999)
 
 @pytest.fixture(autouse=True)
 def short_mimic(monkeypatch):
-    """Fewer gradient steps for ``mimic`` than its default: the tiny network converges in fewer."""
-    from compressor.recovery import mimic
+    """Fewer gradient steps for ``mimic`` and ``block`` than their defaults: the tiny network converges in fewer."""
+    from compressor.recovery import blockwise, mimic
 
     monkeypatch.setattr(mimic, "STEPS", 60)
+    monkeypatch.setattr(blockwise, "STEPS", 30)
 
 # ---------------------------------------------------------------------------------------- tests
 
@@ -139,7 +140,7 @@ def test_method_runs_keeps_shapes_and_reduces_distortion(name):
         totals[0] += before
         totals[1] += after
     before, after = totals
-    if name in ("bn", "bias", "lsq", "mimic"):
+    if name in ("bn", "bias", "lsq", "mimic", "block"):
         assert after < before, (name, before, after)
     else:  # data-free merging may find nothing to merge in random weights, but must not blow up
         assert after < before * 1.5, (name, before, after)
@@ -444,3 +445,79 @@ def test_mimic_keeps_the_weights_when_the_steps_make_held_out_images_worse(monke
     assert method.last_info["status"] == "kept", method.last_info
     for k, v in ctx.pruned.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_block_after_lsq_lowers_each_blocks_held_out_error():
+    ctx = make_case(keep_fraction=0.5)
+    get_recovery("lsq").apply(ctx)
+    before = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    flags = [p.requires_grad for p in ctx.pruned.parameters()]
+    method = get_recovery("block")
+    method.apply(ctx)
+    blocks = method.last_info["blocks"]
+    assert [b["end"] for b in blocks] == ["features_5", "fc"]  # after conv-BN-ReLU x2, then up to the logits
+    assert all(b["status"] == "refit" and b["after"] < b["before"] for b in blocks), blocks
+    assert distortion(ctx.original, ctx.pruned, HELD_OUT) < before
+    assert all(p.grad is None for p in ctx.pruned.parameters())
+    assert [p.requires_grad for p in ctx.pruned.parameters()] == flags
+
+
+def test_block_keeps_a_blocks_weights_when_the_steps_make_held_out_images_worse(monkeypatch):
+    from compressor.recovery import blockwise
+
+    ctx = make_case(keep_fraction=0.5)
+    get_recovery("lsq").apply(ctx)
+    state = {k: v.clone() for k, v in ctx.pruned.state_dict().items()}
+    monkeypatch.setattr(blockwise, "LEARNING_RATE", 1e3)  # one step this size throws the weights far off
+    monkeypatch.setattr(blockwise, "STEPS", 1)
+    method = get_recovery("block")
+    method.apply(ctx)
+    assert {b["status"] for b in method.last_info["blocks"]} == {"kept"}, method.last_info
+    for k, v in ctx.pruned.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_blocks_of_a_residual_network_end_after_each_residual_relu():
+    import torchvision
+    from torch import fx
+
+    from compressor.recovery.blockwise import find_blocks
+
+    gm = fx.symbolic_trace(torchvision.models.resnet18(num_classes=10))
+    blocks = find_blocks(gm)
+    ends = [body[-1].name for _, body in blocks]
+    assert ends == [f"layer{i}_{j}_relu_1" for i in range(1, 5) for j in range(2)][:-1] + ["flatten", "fc"]
+    covered = [n for _, body in blocks for n in body]
+    assert covered == [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    for start, body in blocks:  # nothing but the block's input flows into a block from before it
+        inside = {start, *body}
+        assert all(a in inside or a.op == "get_attr" for n in body for a in n.all_input_nodes)
+
+
+def test_block_skips_a_model_fx_cannot_trace_and_says_so(monkeypatch):
+    from compressor.recovery import blockwise
+
+    ctx = make_case()
+    state = {k: v.clone() for k, v in ctx.pruned.state_dict().items()}
+    monkeypatch.setattr(blockwise, "_trace_pair", lambda original, pruned: None)
+    lines = []
+    get_recovery("block").apply(dataclasses.replace(ctx, log=lines.append))
+    assert lines == ["block: skipped (not fx-traceable)"]
+    for k, v in ctx.pruned.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_block_fits_every_block_of_a_cifar_resnet_with_pruned_zero_padded_shortcuts(monkeypatch):
+    """Channel indices must be followed through the shortcuts' channel scatter, or later blocks go unfitted."""
+    from conftest import load_cifar_resnet, randomize_bn
+
+    from compressor import graph as G
+    from compressor.recovery import blockwise
+
+    monkeypatch.setattr(blockwise, "STEPS", 2)
+    graph = G.build_graph(randomize_bn(load_cifar_resnet(20)), torch.randn(1, 3, 32, 32))
+    plan = G.random_plan(graph, 0.5, seed=0)
+    pruned = G.apply_plan(graph, plan)
+    info = blockwise.reconstruct_blocks(graph.model, pruned.model, pruned.kept, images(64, 3))
+    assert len(info["blocks"]) == 10  # the stem with the first residual block, eight more blocks, the head
+    assert all("before" in b for b in info["blocks"]), [b for b in info["blocks"] if "before" not in b]
