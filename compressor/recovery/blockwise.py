@@ -59,14 +59,20 @@ def find_blocks(gm: fx.GraphModule, min_layers: int = MIN_LAYERS) -> list[tuple[
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     position = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((position.get(u, len(nodes)) for u in n.users), default=position[n]) for n in nodes}
+    dying: dict[int, list[fx.Node]] = {}
+    for n in nodes:
+        dying.setdefault(last_use[n], []).append(n)
+    live = {nodes[0]} - set(dying.get(0, []))  # tensors still needed after the current node (constants aside)
     blocks, start, layers = [], nodes[0], 0
     current: list[fx.Node] = []
     for i, node in enumerate(nodes[1:], start=1):
         current.append(node)
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYER_TYPES):
             layers += 1
-        live = [n for n in nodes[: i + 1] if last_use[n] > i and n.op != "get_attr"]
-        if layers >= min_layers and live == [node] and not _unary_follower(gm, node, nodes[i + 1 :]):
+        if node.op != "get_attr":
+            live.add(node)
+        live.difference_update(dying.get(i, []))
+        if layers >= min_layers and live == {node} and not _unary_follower(gm, node, nodes[i + 1 :]):
             blocks.append((start, current))
             start, current, layers = node, [], 0
     if current:
