@@ -14,6 +14,7 @@ Run (the committed table):
     python bench/staged.py --model resnet56
     for m in vgg_cifar resnet18 mobilenet_v2; do python bench/staged.py --model $m --append; done
     python bench/staged.py --model resnet20 --val 2000 --append
+    python bench/staged.py --model resnet56 --finish block --append   # `block` once, after the last stage
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def compose_kept(first: dict, second: dict) -> dict:
     return out
 
 
-def prune_in_stages(original, calib, fractions: list[float]):
-    """(pruned and recovered model, seconds) after pruning to each fraction of the original's MACs in turn."""
+def prune_in_stages(original, calib, fractions: list[float], finish: tuple[str, ...] = ()):
+    """(pruned and recovered model, FLOPs kept, seconds) after pruning to each fraction of the MACs in turn.
+
+    ``finish``: recovery methods run once after the last stage's ``lsq`` (against the original).
+    """
     from compressor import budget as budget_mod
     from compressor import graph as graph_mod
     from compressor.criteria import ScoringContext, get_criterion
@@ -62,7 +66,7 @@ def prune_in_stages(original, calib, fractions: list[float]):
     original_graph = graph_mod.build_graph(original, x1)
     macs0 = graph_mod.count_macs_params(original_graph.model, x1)[0]
     current, kept = original_graph.model, None
-    for fraction in fractions:
+    for step, fraction in enumerate(fractions):
         graph = graph_mod.build_graph(current, x1) if kept is not None else original_graph
         scores = get_criterion("reconstruction").score(ScoringContext(model=graph.model, groups=graph.groups,
                                                                       calib=calib))
@@ -74,7 +78,7 @@ def prune_in_stages(original, calib, fractions: list[float]):
         kept = pruned.kept if kept is None else compose_kept(kept, pruned.kept)
         ctx = RecoveryContext(original=original_graph.model, pruned=pruned.model, groups=original_graph.groups,
                               plan=plan, kept=kept, calib=calib, batch_size=128)
-        run_recipe(["lsq"], ctx, measure=False)
+        run_recipe(["lsq", *(finish if step == len(fractions) - 1 else ())], ctx, measure=False)
         current = pruned.model.eval()
     flops = graph_mod.count_macs_params(current, x1)[0] / macs0
     return current, flops, time.perf_counter() - start
@@ -88,7 +92,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "staged.md"))
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
+    parser.add_argument("--finish", default="", help="recovery methods after the last stage's lsq, e.g. block")
     args = parser.parse_args()
+    finish = tuple(m for m in args.finish.split(",") if m)
+    from compressor.recovery import list_recoveries
+
+    if unknown := [m for m in finish if m not in list_recoveries()]:
+        parser.error(f"--finish {','.join(unknown)}: not a recovery method; choose from {', '.join(list_recoveries())}")
     require_shared()
     torch.set_num_threads(args.threads)
     sys_path_models()
@@ -105,21 +115,27 @@ def main() -> None:
         cells = []
         for ratio in BUDGETS:
             fractions = [float(v) for v in schedule.split(",") if v] + [ratio]
-            pruned, flops, seconds = prune_in_stages(model, calib, fractions)
+            pruned, flops, seconds = prune_in_stages(model, calib, fractions, finish)
             acc = accuracy(pruned, vx, vy)
-            print(json.dumps({"model": args.model, "stages": fractions, "accuracy": acc, "flops_kept": flops,
-                              "seconds": seconds}), flush=True)
+            print(json.dumps({"model": args.model, "stages": fractions, "finish": finish, "accuracy": acc,
+                              "flops_kept": flops, "seconds": seconds}), flush=True)
             cells += [f"{acc:.2%} ({100 * (acc - base):+.2f})", f"{flops:.1%}", f"{seconds:.0f}"]
-        label = "one step (default)" if not schedule else " -> ".join(f"{float(v):.0%}" for v in schedule.split(","))
+        if schedule:
+            label = " -> ".join(f"{float(v):.0%}" for v in schedule.split(","))
+        else:
+            label = "one step" + ("" if finish else " (default)")
         rows.append([label + (" -> budget" if schedule else ""), *cells])
     header = ["stages"] + [f"{h} {int(100 * r)}%" for r in BUDGETS for h in ("accuracy", "FLOPs kept", "s")]
     notes = [
         f"Model: {model_text}, original accuracy {base:.2%} on {len(vx)} held-out images. Criterion "
-        f"`reconstruction`, sensitivity allocation and `lsq` at every stage, {CALIB} calibration images, no labels. "
+        f"`reconstruction`, sensitivity allocation and `lsq` at every stage"
+        + (f", then {' + '.join(f'`{m}`' for m in finish)} once after the last" if finish else "")
+        + f", {CALIB} calibration images, no labels. "
         "s: wall time of scoring, allocation and recovery over all stages "
         f"({args.threads} threads, shared 2-core machine).",
     ]
-    write_table(Path(args.out), f"{args.model}: pruning in stages", header, rows, notes, append=args.append)
+    title = f"{args.model}: pruning in stages" + (f", then {'+'.join(finish)}" if finish else "")
+    write_table(Path(args.out), title, header, rows, notes, append=args.append)
 
 
 if __name__ == "__main__":
