@@ -7,6 +7,7 @@ Columns: accuracy, FLOPs and parameters kept, batch-1 latency, the run's stages,
 and peak memory (the issue's goal: the whole run within 60 s on a 2-core machine).
 
 Writes bench/results/whole_run.md. Run: python bench/whole_run.py [--budgets 50,40] [--seeds 0,1,2]
+The opt-in recipe's table: python bench/whole_run.py --recovery lsq,block --append
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shar
 STAGES = ("evaluate", "score", "search", "recover", "export", "latency")
 
 
-def run_once(budget: int, seed: int, out: Path) -> tuple[dict, float, float]:
+def run_once(budget: int, seed: int, out: Path, recovery: str | None = None) -> tuple[dict, float, float]:
     """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process."""
     cmd = [
         "compress", f"{MODELS / 'cifar_resnet.py'}:CifarResNet", "--weights", str(MODELS / "resnet56-cifar10-jpeg.pt"),
@@ -33,6 +34,8 @@ def run_once(budget: int, seed: int, out: Path) -> tuple[dict, float, float]:
         "--mean", ",".join(map(str, CIFAR_MEAN)), "--std", ",".join(map(str, CIFAR_STD)),
         "--device", "cpu", "--seed", str(seed), "--out", str(out), "--force", "--quiet",
     ]
+    if recovery is not None:
+        cmd += ["--recovery", recovery]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage (getrusage would give the max)
@@ -48,13 +51,15 @@ def main() -> None:
     parser.add_argument("--budgets", default="50,40", help="FLOPs budgets in percent, comma-separated")
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "whole_run.md"))
+    parser.add_argument("--recovery", default=None, help="recovery recipe passed to compress (default: its own)")
+    parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     args = parser.parse_args()
     require_shared()
     rows, walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in (int(b) for b in args.budgets.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
-                report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}")
+                report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery)
                 acc, lat, t = report["accuracy"], report["latency"], report["timings_s"]
                 walls.append(wall)
                 rows.append([
@@ -66,14 +71,17 @@ def main() -> None:
                 print(" | ".join(rows[-1]), flush=True)
     header = ["budget", "seed", "top-1 (original -> pruned)", "FLOPs kept", "params kept", "ORT batch-1 p50 ms",
               "stages s: " + " / ".join(STAGES), "process wall s", "peak GB"]
+    extra = f" --recovery {args.recovery}" if args.recovery else ""
     notes = [
         "The README's reference command (`compress ../shared/models/cifar_resnet.py:CifarResNet --weights "
-        "resnet56-cifar10-jpeg.pt --budget B --calib train.tar.gz --eval val.tar.gz ... --device cpu`), defaults "
-        "otherwise (criterion `reconstruction`, sensitivity allocation, recovery `lsq`), one process per row.",
+        f"resnet56-cifar10-jpeg.pt --budget B --calib train.tar.gz --eval val.tar.gz ... --device cpu{extra}`), "
+        "defaults otherwise (criterion `reconstruction`, sensitivity allocation"
+        + ("" if args.recovery else ", recovery `lsq`") + "), one process per row.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; its speed varies by 10-40% over a day, so read the "
         f"spread. Process wall time {min(walls):.1f}-{max(walls):.1f} s over {len(walls)} runs (goal: 60 s).",
     ]
-    write_table(Path(args.out), "ResNet-56: whole `compress` runs", header, rows, notes)
+    title = "ResNet-56: whole `compress` runs" + (f", --recovery {args.recovery}" if args.recovery else "")
+    write_table(Path(args.out), title, header, rows, notes, append=args.append)
 
 
 if __name__ == "__main__":
