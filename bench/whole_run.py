@@ -80,7 +80,7 @@ def main() -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; its speed varies by 10-40% over a day, so read the "
         f"spread. Process wall time {min(walls):.1f}-{max(walls):.1f} s over {len(walls)} runs (goal: 60 s).",
     ]
-    title = "ResNet-56: whole `compress` runs" + (f", --recovery {args.recovery}" if args.recovery else "")
+    title = "ResNet-56: whole `compress` runs" + (f",{extra}" if extra else "")
     write_table(Path(args.out), title, header, rows, notes, append=args.append)
 
 
