@@ -447,7 +447,11 @@ def test_mimic_keeps_the_weights_when_the_steps_make_held_out_images_worse(monke
         assert torch.equal(v, state[k]), k
 
 
-def test_block_after_lsq_lowers_each_blocks_held_out_error():
+def test_block_after_lsq_lowers_each_blocks_held_out_error(monkeypatch):
+    from compressor.recovery import blockwise
+
+    # whole 16x16 images: crops (a speed device for large maps, tested below) would save little here
+    monkeypatch.setattr(blockwise, "CROP", 16)
     ctx = make_case(keep_fraction=0.5)
     get_recovery("lsq").apply(ctx)
     before = distortion(ctx.original, ctx.pruned, HELD_OUT)
@@ -521,3 +525,69 @@ def test_block_fits_every_block_of_a_cifar_resnet_with_pruned_zero_padded_shortc
     info = blockwise.reconstruct_blocks(graph.model, pruned.model, pruned.kept, images(64, 3))
     assert len(info["blocks"]) == 10  # the stem with the first residual block, eight more blocks, the head
     assert all("before" in b for b in info["blocks"]), [b for b in info["blocks"] if "before" not in b]
+
+
+def _plain_convnet() -> nn.Module:
+    layers: list[nn.Module] = []
+    for cin, cout in ((3, 8), (8, 8), (8, 16), (16, 16), (16, 16), (16, 16)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        if cout == 16 and cin == 8:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "plain"])
+def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
+    """With a block's own output as the target, the loss on its random crops is zero: the margin is wide enough.
+
+    Covers stride-2 blocks (the crop offsets must stay aligned with the subsampling) and crops that meet the
+    image edge (there the padding is real and the edge rows count).
+    """
+    import torchvision
+    from conftest import randomize_bn
+    from torch import fx
+
+    from compressor.recovery import blockwise
+
+    model = torchvision.models.resnet18(num_classes=10) if arch == "resnet18" else _plain_convnet()
+    gm = fx.symbolic_trace(randomize_bn(model).eval())
+    x = images(24, 5) if arch == "plain" else torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    x = F.interpolate(x, size=(32, 32)) if arch == "plain" else x
+    gen = torch.Generator().manual_seed(0)
+    cropped = []
+    for start, body in blockwise.find_blocks(gm):
+        y = blockwise._run_batched(gm, start, body, x)
+        geometry = blockwise._crop_geometry(gm, start, body, x, y)
+        if geometry is not None:
+            cropped.append(geometry)
+            for _ in range(20):
+                inputs, target, (rows, cols) = blockwise._random_batch(x, y, torch.arange(4), geometry, gen)
+                assert inputs.shape[-2:] == (blockwise.CROP, blockwise.CROP) and target.numel() > 0
+                out = blockwise._run_block(gm, start, body, inputs)[..., rows, cols]
+                torch.testing.assert_close(out, target, rtol=1e-4, atol=1e-4 * float(y.abs().max()))
+        x = y
+    assert len(cropped) >= 2 and all(margin > 0 for _, margin in cropped), cropped
+    if arch == "resnet18":
+        assert any(stride == 2 for stride, _ in cropped), cropped
+
+
+def test_block_cosine_adam_takes_torch_adams_steps_under_a_cosine_schedule():
+    from compressor.recovery.blockwise import CosineAdam
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    ours = [t.clone().requires_grad_(True) for t in start]
+    ref = [t.clone().requires_grad_(True) for t in start]
+    opt = CosineAdam(ours, lr=0.05, steps=7)
+    ref_opt = torch.optim.Adam(ref, lr=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, 7)
+    for step in range(7):
+        target = torch.randn(5, 3, generator=gen)
+        for params, optimizer in ((ours, opt), (ref, ref_opt)):
+            optimizer.zero_grad()
+            (((params[0] - target) ** 2).sum() + (params[1] ** 3).sum()).backward()
+            optimizer.step()
+        sched.step()
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    assert not torch.equal(ours[0], start[0])
