@@ -214,8 +214,8 @@ def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[i
     ref = full[..., i0 // stride : i0 // stride + size, j0 // stride : j0 // stride + size]
     differs = ((part - ref).abs().amax(dim=(0, 1)) > 1e-5 * float(ref.abs().max()) + 1e-12).cpu()
     rows = torch.arange(size)
-    edge_distance = torch.minimum(torch.minimum(rows, size - 1 - rows)[:, None],
-                                  torch.minimum(rows, size - 1 - rows)[None, :])
+    to_edge = torch.minimum(rows, size - 1 - rows)
+    edge_distance = torch.minimum(to_edge[:, None], to_edge[None, :])
     margin = int(edge_distance[differs].max()) + 1 if bool(differs.any()) else 0
     return (stride, margin) if 2 * margin < size else None
 

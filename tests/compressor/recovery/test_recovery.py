@@ -549,10 +549,12 @@ def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
 
     from compressor.recovery import blockwise
 
-    model = torchvision.models.resnet18(num_classes=10) if arch == "resnet18" else _plain_convnet()
+    if arch == "resnet18":
+        model = torchvision.models.resnet18(num_classes=10)
+        x = torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    else:
+        model, x = _plain_convnet(), F.interpolate(images(24, 5), size=(32, 32))
     gm = fx.symbolic_trace(randomize_bn(model).eval())
-    x = images(24, 5) if arch == "plain" else torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    x = F.interpolate(x, size=(32, 32)) if arch == "plain" else x
     gen = torch.Generator().manual_seed(0)
     cropped = []
     for start, body in blockwise.find_blocks(gm):
