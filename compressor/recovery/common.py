@@ -32,6 +32,16 @@ def batches(calib: torch.Tensor, batch_size: int, device: str) -> Iterator[torch
         yield calib[start : start + step].to(device)
 
 
+def spread(images: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` of ``images`` evenly spaced from first to last (all of them when there are no more).
+
+    Image folders load class by class, so the first ``count`` would cover only the first classes.
+    """
+    if count >= len(images):
+        return images
+    return images[torch.linspace(0, len(images) - 1, max(1, count)).round().long()]
+
+
 def module_or_none(model: nn.Module, name: str) -> nn.Module | None:
     try:
         return model.get_submodule(name)

@@ -53,6 +53,7 @@ from compressor.recovery.common import (
     execution_order,
     image_cap,
     require_calib,
+    spread,
 )
 from compressor.recovery.lsq_solve import bn_affine, fit_layer, sample_positions, values_at
 
@@ -94,7 +95,7 @@ def refit_layers(
         samples_per_dim, min_samples, max_samples: Sampled output positions per layer.
     Returns per-layer diagnostics.
     """
-    calib = calib[: image_cap(original, calib, device)]
+    calib = spread(calib, image_cap(original, calib, device))
     x1 = calib[:1].to(device)
     names = _layers_to_fit(pruned, kept, x1, scope)
     if not names:

@@ -573,6 +573,50 @@ def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
         assert any(stride == 2 for stride, _ in cropped), cropped
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "plain"])
+def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradients(arch):
+    """The steps run each conv and its eval-mode BatchNorm as one convolution; nothing else may change."""
+    import torchvision
+    from conftest import randomize_bn
+    from torch import fx
+
+    from compressor.recovery import blockwise
+
+    if arch == "resnet18":
+        model, x = torchvision.models.resnet18(num_classes=10), torch.randn(6, 3, 64, 64)
+    else:
+        model, x = _plain_convnet(), F.interpolate(images(6, 5), size=(32, 32))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.bias is None:  # a bias too, to cover its folding
+            module.bias = nn.Parameter(0.1 * torch.randn(module.out_channels))
+    gm = fx.symbolic_trace(randomize_bn(model).eval())
+    folded_pairs = 0
+    for start, body in blockwise.find_blocks(gm):
+        fused = blockwise._fold_batchnorm(gm, body)
+        folded_pairs += len(fused) // 2
+        convs = [gm.get_submodule(n.target) for n in body
+                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+        results = []
+        for stand_ins in (None, fused):
+            for conv in convs:
+                conv.zero_grad()
+                conv.weight.requires_grad_(True)
+            out = blockwise._run_block(gm, start, body, x, stand_ins)
+            if convs and out.requires_grad:
+                (out**2).mean().backward()
+            grads = [None if c.weight.grad is None else c.weight.grad.clone() for c in convs]
+            results.append((out.detach(), grads))
+        (out_plain, grads_plain), (out_fused, grads_fused) = results
+        torch.testing.assert_close(out_fused, out_plain, rtol=1e-4, atol=1e-4 * float(out_plain.abs().max()))
+        for plain, folded in zip(grads_plain, grads_fused, strict=True):
+            assert (plain is None) == (folded is None)
+            if plain is not None:
+                torch.testing.assert_close(folded, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max()))
+        with torch.no_grad():
+            x = blockwise._run_block(gm, start, body, x)
+    assert folded_pairs >= (16 if arch == "resnet18" else 6), folded_pairs
+
+
 def test_block_cosine_adam_takes_torch_adams_steps_under_a_cosine_schedule():
     from compressor.recovery.blockwise import CosineAdam
 
@@ -593,3 +637,31 @@ def test_block_cosine_adam_takes_torch_adams_steps_under_a_cosine_schedule():
         for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
     assert not torch.equal(ours[0], start[0])
+
+
+def test_spread_takes_evenly_spaced_images_from_first_to_last():
+    from compressor.recovery.common import spread
+
+    x = torch.arange(10.0)[:, None]
+    assert spread(x, 4).flatten().tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert spread(x, 10) is x and spread(x, 50) is x
+
+
+def test_lsq_with_fewer_images_than_given_takes_them_from_the_whole_calibration_set(monkeypatch):
+    """Image folders load class by class: a memory cap must not leave lsq with only the first classes."""
+    from compressor.recovery import lsq
+    from compressor.recovery.common import spread
+
+    sorted_calib = torch.cat([images(64, 1), 3 * images(64, 2).flip(1)])  # two "classes", one after the other
+    cap = 32
+    fitted = []
+    for calib, capped in ((sorted_calib, True), (spread(sorted_calib, cap), False), (sorted_calib[:cap], False)):
+        ctx = dataclasses.replace(make_case(), calib=calib)
+        with monkeypatch.context() as patch:
+            if capped:
+                patch.setattr(lsq, "image_cap", lambda model, images, device: cap)
+            get_recovery("lsq").apply(ctx)
+        fitted.append(ctx.pruned.features[3].weight.detach().clone())
+    capped_run, spread_run, prefix_run = fitted
+    torch.testing.assert_close(capped_run, spread_run)
+    assert not torch.allclose(capped_run, prefix_run, atol=1e-4)
