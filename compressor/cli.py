@@ -95,7 +95,7 @@ def compress_command(
                                 "(default: label-free, the model's own predictions)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
                                            f"{_recovery_choices()}. lsq,block repairs more (ResNet-56: "
-                                           "+0.6 to +2.3 points) for about 20 s more on a 2-core CPU."),
+                                           "+0.7 to +2.5 points) for 15-20 s more on a 2-core CPU."),
     allocation: str | None = typer.Option(None, help="Width allocation: global (one ranking over all layers), "
                                              "uniform, sensitivity (measured recoverability), criterion "
                                              "(widths the criterion proposes) [sensitivity with --calib, "

@@ -11,11 +11,14 @@ and already repaired upstream produces, matches the original block's output on t
 stay as they are (eval mode). Every 8th calibration image is held out, and a block keeps its new
 weights only when its held-out error went down.
 
-Blocks whose input maps are wider than CROP pixels step on random CROP x CROP crops of the input
-(offsets aligned with the block's stride), and the loss counts only the output positions the crop's
-cut edges cannot reach (a margin measured per block, so any operator inside is handled). A step on
-whole 32x32 maps fits more than a thousand positions per image, far more than a step needs: on
-ResNet-56 (1,024 images, 5,000 val images) crops of 12 took the block stage from 67 s / 63 s to
+Blocks whose output maps are wider than INTERIOR plus twice their margin step on random square
+crops of the input (offsets aligned with the block's stride), and the loss counts only the output
+positions the crop's cut edges cannot reach: the margin is measured per block, so any operator inside
+is handled, and the crop is sized to leave INTERIOR x INTERIOR such positions (10x10 input pixels for a
+stride-1 block of two 3x3 convolutions; 56x56 for resnet18's stem block at 224x224, which on whole
+images took 53 of the 141 s `block` spent on that network with 256 images). A step on whole 32x32
+maps fits more than a thousand positions per image, far more than a step needs: on
+ResNet-56 (1,024 images, 5,000 val images) fixed crops of 12 took the block stage from 67 s / 63 s to
 36 s / 36 s at 50% / 40% FLOPs for 85.62% / 84.10% against 85.70% / 83.98% on whole images; on a
 vgg_cifar trained anew (80.90%; ``lsq`` alone 76.38% / 76.44%) 76.70% / 76.86% against 76.60% /
 76.74%, 10.6 s / 9.0 s against 13.8 s / 12.1 s.
@@ -34,6 +37,11 @@ seconds): batch 32, 85.56% / 84.14%, 76.46% / 76.62%, 17 s; 50 steps, 85.52% / 8
 calibration images that carry each block's input along (channels-last passes: 1 s faster, lost again
 in layout conversions). ``lsq`` on a spread half of the images before ``block`` was level on
 ResNet-56 (85.66% / 84.26%) and 5 s faster, but lost 0.4 / 0.6 points on vgg_cifar.
+Crops sized per block replaced fixed 12-pixel crops, which fitted only 2x2 positions of a stride-2
+block and none of a large stem: with INTERIOR 6, ResNet-56 85.82% / 84.08% and vgg_cifar 76.68% /
+76.88% (fixed crops: 85.58% / 83.90% and 76.60% / 76.82%) in about the same time; INTERIOR 8 gave
+85.84% / 83.88% and 76.68% / 76.88% for 3-5 s more, INTERIOR 4 85.72% / 83.72% and 76.72% / 76.96%
+for about 3 s less.
 
 Against ``mimic`` (all layers at once, pulled toward every BatchNorm output), a block's problem
 is small and its target is the block's own output, so the steps are cheaper and go at least as far.
@@ -78,7 +86,7 @@ from compressor.recovery.lsq import _trace_pair, run_node
 STEPS = 100  # per block
 LEARNING_RATE = 1e-3  # Adam, cosine decay; 3e-3 did worse on ResNet-56
 BATCH = 64  # 128 was 0.1-0.2 points better and 1.5x slower (docstring)
-CROP = 12  # blocks whose input maps are larger step on random CROP x CROP crops of it (see _crop_geometry)
+INTERIOR = 6  # output positions a side that a step's crop fits, clear of its cut edges (see _crop_geometry)
 PROBE = 16  # images on which a block's crop margin is measured
 MIN_LAYERS = 2
 HOLDOUT_EVERY = 8
@@ -254,49 +262,54 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
     return {"status": "done", "blocks": results}
 
 
-def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int] | None:
-    """(stride, margin) for steps on CROP x CROP crops of the block's input; None: whole images.
+def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride, margin, crop) for steps on crop x crop crops of the block's input; None: whole images.
 
     ``stride``: input pixels per output pixel. ``margin``: how many output rows and columns next to a
     crop's cut edge differ from the whole image's output there (they see zero padding instead of the
-    neighbouring pixels); measured on an aligned crop away from every image edge, so it holds for any
-    operator the block contains.
+    neighbouring pixels); measured on a centred crop whose cut edges all lie inside the image, so it
+    holds for any operator the block contains. ``crop`` (input pixels) leaves INTERIOR x INTERIOR output
+    positions clear of the margins: 10 pixels for a stride-1 block of two 3x3 convolutions, 56 for the
+    stem block of a torchvision resnet18 at 224x224 (7x7 stride-2 conv, max pooling, two 3x3 convs).
     """
-    if x.dim() != 4 or y.dim() != 4 or min(x.shape[-2:]) <= CROP or y.shape[-1] == 0:
+    if x.dim() != 4 or y.dim() != 4 or min(y.shape[-2:]) < 3:
         return None
     stride = x.shape[-1] // y.shape[-1]
-    if stride < 1 or CROP % stride or x.shape[-2:] != (stride * y.shape[-2], stride * y.shape[-1]):
+    if stride < 1 or x.shape[-2:] != (stride * y.shape[-2], stride * y.shape[-1]):
         return None
-    size = CROP // stride
-    i0, j0 = (stride * ((n - CROP) // (2 * stride)) for n in x.shape[-2:])
+    probe = min(y.shape[-2:]) - 2  # output pixels; one row and column of the image left out on each side
+    i0, j0 = (stride * ((n - probe) // 2) for n in y.shape[-2:])
     with torch.no_grad():
-        part = _run_block(gm, start, body, x[:PROBE, :, i0 : i0 + CROP, j0 : j0 + CROP])
+        part = _run_block(gm, start, body, x[:PROBE, :, i0 : i0 + probe * stride, j0 : j0 + probe * stride])
         full = _run_block(gm, start, body, x[:PROBE])
-    if part.shape[-2:] != (size, size):
+    if part.shape[-2:] != (probe, probe):
         return None
-    ref = full[..., i0 // stride : i0 // stride + size, j0 // stride : j0 // stride + size]
+    ref = full[..., i0 // stride : i0 // stride + probe, j0 // stride : j0 // stride + probe]
     differs = ((part - ref).abs().amax(dim=(0, 1)) > 1e-5 * float(ref.abs().max()) + 1e-12).cpu()
-    rows = torch.arange(size)
-    to_edge = torch.minimum(rows, size - 1 - rows)
+    rows = torch.arange(probe)
+    to_edge = torch.minimum(rows, probe - 1 - rows)
     edge_distance = torch.minimum(to_edge[:, None], to_edge[None, :])
     margin = int(edge_distance[differs].max()) + 1 if bool(differs.any()) else 0
-    return (stride, margin) if 2 * margin < size else None
+    size = INTERIOR + 2 * margin
+    if 2 * margin >= probe or size >= min(y.shape[-2:]):
+        return None
+    return stride, margin, size * stride
 
 
 def _random_batch(x, y, pick, geometry, gen) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice]]:
     """(block input, target, output window of the target) for one step; crops when ``geometry`` is set."""
     if geometry is None:
         return x[pick], y[pick], (slice(None), slice(None))
-    stride, margin = geometry
-    size = CROP // stride
+    stride, margin, crop = geometry
+    size = crop // stride
     height, width = x.shape[-2:]
-    i0, j0 = (stride * int(torch.randint(0, (n - CROP) // stride + 1, (1,), generator=gen)) for n in (height, width))
+    i0, j0 = (stride * int(torch.randint(0, (n - crop) // stride + 1, (1,), generator=gen)) for n in (height, width))
     # output positions next to a cut edge are left out; where the crop meets the image edge the padding is real
     top, left = (0 if i0 == 0 else margin), (0 if j0 == 0 else margin)
-    bottom = size if i0 + CROP == height else size - margin
-    right = size if j0 + CROP == width else size - margin
+    bottom = size if i0 + crop == height else size - margin
+    right = size if j0 + crop == width else size - margin
     oi, oj = i0 // stride, j0 // stride
-    return (x[pick, :, i0 : i0 + CROP, j0 : j0 + CROP],
+    return (x[pick, :, i0 : i0 + crop, j0 : j0 + crop],
             y[pick, :, oi + top : oi + bottom, oj + left : oj + right], (slice(top, bottom), slice(left, right)))
 
 
@@ -364,7 +377,7 @@ def _fit_block(gm, start, body, x, y, params, hold, train, gen, steps, lr) -> di
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
     return {"before": before, "after": after, "status": "refit" if accepted else "kept",
-            "crop": None if geometry is None else CROP}
+            "crop": None if geometry is None else geometry[2]}
 
 
 @register

@@ -447,11 +447,7 @@ def test_mimic_keeps_the_weights_when_the_steps_make_held_out_images_worse(monke
         assert torch.equal(v, state[k]), k
 
 
-def test_block_after_lsq_lowers_each_blocks_held_out_error(monkeypatch):
-    from compressor.recovery import blockwise
-
-    # whole 16x16 images: crops (a speed device for large maps, tested below) would save little here
-    monkeypatch.setattr(blockwise, "CROP", 16)
+def test_block_after_lsq_lowers_each_blocks_held_out_error():
     ctx = make_case(keep_fraction=0.5)
     get_recovery("lsq").apply(ctx)
     before = distortion(ctx.original, ctx.pruned, HELD_OUT)
@@ -540,8 +536,8 @@ def _plain_convnet() -> nn.Module:
 def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
     """With a block's own output as the target, the loss on its random crops is zero: the margin is wide enough.
 
-    Covers stride-2 blocks (the crop offsets must stay aligned with the subsampling) and crops that meet the
-    image edge (there the padding is real and the edge rows count).
+    Covers strided blocks (the crop offsets must stay aligned with the subsampling; resnet18's stem block
+    subsamples by 4) and crops that meet the image edge (there the padding is real and the edge rows count).
     """
     import torchvision
     from conftest import randomize_bn
@@ -551,7 +547,7 @@ def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
 
     if arch == "resnet18":
         model = torchvision.models.resnet18(num_classes=10)
-        x = torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+        x = torch.randn(24, 3, 128, 128, generator=torch.Generator().manual_seed(5))
     else:
         model, x = _plain_convnet(), F.interpolate(images(24, 5), size=(32, 32))
     gm = fx.symbolic_trace(randomize_bn(model).eval())
@@ -564,13 +560,15 @@ def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
             cropped.append(geometry)
             for _ in range(20):
                 inputs, target, (rows, cols) = blockwise._random_batch(x, y, torch.arange(4), geometry, gen)
-                assert inputs.shape[-2:] == (blockwise.CROP, blockwise.CROP) and target.numel() > 0
+                assert inputs.shape[-2:] == (geometry[2], geometry[2]) and target.numel() > 0
                 out = blockwise._run_block(gm, start, body, inputs)[..., rows, cols]
                 torch.testing.assert_close(out, target, rtol=1e-4, atol=1e-4 * float(y.abs().max()))
         x = y
-    assert len(cropped) >= 2 and all(margin > 0 for _, margin in cropped), cropped
+    assert len(cropped) >= 2 and all(margin > 0 for _, margin, _ in cropped), cropped
+    # each crop leaves INTERIOR x INTERIOR output positions clear of its cut edges
+    assert all(crop == stride * (blockwise.INTERIOR + 2 * margin) for stride, margin, crop in cropped), cropped
     if arch == "resnet18":
-        assert any(stride == 2 for stride, _ in cropped), cropped
+        assert {stride for stride, _, _ in cropped} >= {1, 2, 4}, cropped
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "plain"])
