@@ -266,11 +266,14 @@ def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[i
     """(stride, margin, crop) for steps on crop x crop crops of the block's input; None: whole images.
 
     ``stride``: input pixels per output pixel. ``margin``: how many output rows and columns next to a
-    crop's cut edge differ from the whole image's output there (they see zero padding instead of the
-    neighbouring pixels); measured on a centred crop whose cut edges all lie inside the image, so it
-    holds for any operator the block contains. ``crop`` (input pixels) leaves INTERIOR x INTERIOR output
-    positions clear of the margins: 10 pixels for a stride-1 block of two 3x3 convolutions, 56 for the
-    stem block of a torchvision resnet18 at 224x224 (7x7 stride-2 conv, max pooling, two 3x3 convs).
+    crop's cut edge depend on pixels beyond it. It is measured on a centred window whose edges all lie
+    inside the image, two ways: the window's output positions that change, bit for bit, when every
+    pixel outside the window is replaced by noise (this catches any reach, however small its effect,
+    and global operators such as squeeze-excitation pooling, which leave no position clear); and those
+    where running the window alone differs from the whole image (this catches operators that depend on
+    the input's size). ``crop`` (input pixels) leaves INTERIOR x INTERIOR output positions clear of the
+    margins: 10 pixels for a stride-1 block of two 3x3 convolutions, 56 for the stem block of a
+    torchvision resnet18 at 224x224 (7x7 stride-2 conv, max pooling, two 3x3 convs).
     """
     if x.dim() != 4 or y.dim() != 4 or min(y.shape[-2:]) < 3:
         return None
@@ -279,16 +282,25 @@ def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[i
         return None
     probe = min(y.shape[-2:]) - 2  # output pixels; one row and column of the image left out on each side
     i0, j0 = (stride * ((n - probe) // 2) for n in y.shape[-2:])
+    inside = (..., slice(i0, i0 + probe * stride), slice(j0, j0 + probe * stride))
+    sample = x[:PROBE]
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(0)).to(sample)
+    perturbed = sample + noise * (4 * float(sample.std()) + 1.0)
+    perturbed[inside] = sample[inside]
     with torch.no_grad():
-        part = _run_block(gm, start, body, x[:PROBE, :, i0 : i0 + probe * stride, j0 : j0 + probe * stride])
-        full = _run_block(gm, start, body, x[:PROBE])
+        part = _run_block(gm, start, body, sample[inside])
+        full = _run_block(gm, start, body, sample)
+        moved = _run_block(gm, start, body, perturbed)
     if part.shape[-2:] != (probe, probe):
         return None
-    ref = full[..., i0 // stride : i0 // stride + probe, j0 // stride : j0 // stride + probe]
-    differs = ((part - ref).abs().amax(dim=(0, 1)) > 1e-5 * float(ref.abs().max()) + 1e-12).cpu()
+    window = (..., slice(i0 // stride, i0 // stride + probe), slice(j0 // stride, j0 // stride + probe))
+    ref = full[window]
+    reached = (moved[window] != ref).flatten(0, 1).any(dim=0)
+    differs = ((part - ref).abs().amax(dim=(0, 1)) > 1e-5 * float(ref.abs().max()) + 1e-12) | reached
     rows = torch.arange(probe)
     to_edge = torch.minimum(rows, probe - 1 - rows)
     edge_distance = torch.minimum(to_edge[:, None], to_edge[None, :])
+    differs = differs.cpu()
     margin = int(edge_distance[differs].max()) + 1 if bool(differs.any()) else 0
     size = INTERIOR + 2 * margin
     if 2 * margin >= probe or size >= min(y.shape[-2:]):

@@ -571,6 +571,30 @@ def test_block_crops_leave_out_every_output_position_a_cut_edge_reaches(arch):
         assert {stride for stride, _, _ in cropped} >= {1, 2, 4}, cropped
 
 
+def test_block_never_crops_a_block_whose_output_depends_on_the_whole_image():
+    """Squeeze-excitation pools over the whole map: a crop would change every output, so such blocks step whole.
+
+    With random weights the excitation changes the outputs by little; the measurement must see it all the same.
+    """
+    import torchvision
+    from torch import fx
+
+    from compressor.recovery import blockwise
+
+    gm = fx.symbolic_trace(torchvision.models.efficientnet_b0(num_classes=10).eval())
+    x = torch.randn(16, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    pooled, cropped = 0, 0
+    for start, body in blockwise.find_blocks(gm):
+        y = blockwise._run_batched(gm, start, body, x)
+        geometry = blockwise._crop_geometry(gm, start, body, x, y)
+        if any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.AdaptiveAvgPool2d) for n in body):
+            pooled += 1
+            assert geometry is None, (body[-1].name, geometry)
+        cropped += geometry is not None
+        x = y
+    assert pooled >= 10 and cropped >= 2, (pooled, cropped)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "plain"])
 def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradients(arch):
     """The steps run each conv and its eval-mode BatchNorm as one convolution; nothing else may change."""
