@@ -27,7 +27,7 @@ from compressor import budget as budget_mod
 from compressor import graph as graph_mod
 from compressor.errors import BudgetError
 from compressor.graph.core import run_hooked
-from compressor.recovery.common import LAYER_TYPES
+from compressor.recovery.common import LAYER_TYPES, spread
 from compressor.recovery.lsq import run_node
 from compressor.recovery.lsq_solve import conv_patches, sample_positions, values_at
 
@@ -259,8 +259,7 @@ def _make_prober(graph: graph_mod.ChannelGraph, calib: torch.Tensor, device: str
     rest = torch.ones(n, dtype=torch.bool)
     rest[idx] = False
     others = torch.nonzero(rest).flatten()
-    fit = calib[others[torch.linspace(0, len(others) - 1, min(len(others), FIT_IMAGES)).round().long()]] if len(
-        others) else None
+    fit = calib[spread(others, FIT_IMAGES)] if len(others) else None
     return _Prober(graph, calib[idx], device, fit if refit else None)
 
 

@@ -26,6 +26,7 @@ from compressor.criteria._common import finalize, require_calib, weight_norm_sco
 from compressor.criteria.base import ScoringContext
 from compressor.graph import lookup
 from compressor.groups import ChannelGroup, Scores
+from compressor.recovery.common import spread
 from compressor.recovery.lsq_solve import conv_patches
 
 DAMPING = 1e-2  # ridge added to H, relative to its mean diagonal (as in OBC/GPTQ)
@@ -61,8 +62,7 @@ def _per_batch(dim: int, batch: int, total: int) -> int:
 def _grams(model: nn.Module, layers: dict[str, nn.Module], ctx: ScoringContext) -> dict[str, torch.Tensor]:
     """``X^T X`` (float64, CPU) of each layer's input patches plus a ones column, over sampled positions."""
     calib = require_calib(ctx, "reconstruction")
-    if len(calib) > MAX_IMAGES:  # strided: calibration data may be sorted by class
-        calib = calib[torch.linspace(0, len(calib) - 1, MAX_IMAGES).round().long()]
+    calib = spread(calib, MAX_IMAGES)
     gen = torch.Generator().manual_seed(ctx.seed)
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}

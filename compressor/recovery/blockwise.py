@@ -168,7 +168,7 @@ def _fold_batchnorm(gm: fx.GraphModule, body: list[fx.Node]) -> dict:
 
     The conv's own weight stays the parameter (scaled per output channel inside the call), so the
     gradients are those of the unfused pair; what goes is BatchNorm's backward over the whole
-    activation, a fifth of a step's time on ResNet-56.
+    activation, over a quarter of a step's time on ResNet-56.
     """
     fused: dict = {}
     inside = set(body)
