@@ -23,6 +23,7 @@ import torch
 from common import REPO, require_shared, run_cifar
 
 from compressor.criteria import get_criterion, list_criteria
+from compressor.recovery.recipe import DEFAULT_RECIPE
 
 MODELS = {
     "resnet56": ("resnet56-cifar10-jpeg.pt", 56),
@@ -74,7 +75,8 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "# Channel criteria on CIFAR ResNets",
         "",
         "One `compressor.pipeline.run` per row: global width ranking (`--allocation global`), FLOPs budget, "
-        "recovery `none` (accuracy before recovery) and the default recipe (after recovery: `lsq`) "
+        "recovery `none` (accuracy before recovery) and the default recipe (after recovery: "
+        f"`{'+'.join(DEFAULT_RECIPE)}`) "
         "from the same run. Calibration images: a seeded random subset (seed 0) of `train.tar.gz`; accuracy "
         f"on {'all 5,000' if eval_size is None else f'{eval_size:,} (seeded subset) of the'} `val.tar.gz` images. "
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "

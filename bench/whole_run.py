@@ -7,7 +7,7 @@ Columns: accuracy, FLOPs and parameters kept, batch-1 latency, the run's stages,
 and peak memory (the issue's goal: the whole run within 60 s on a 2-core machine).
 
 Writes bench/results/whole_run.md. Run: python bench/whole_run.py [--budgets 50,40] [--seeds 0,1,2]
-The opt-in recipe's table: python bench/whole_run.py --recovery lsq,block --append
+The faster recipe's table: python bench/whole_run.py --recovery lsq --append
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shared, write_table
+
+from compressor.recovery.recipe import DEFAULT_RECIPE
 
 STAGES = ("evaluate", "score", "search", "recover", "export", "latency")
 
@@ -76,7 +78,7 @@ def main() -> None:
         "The README's reference command (`compress ../shared/models/cifar_resnet.py:CifarResNet --weights "
         f"resnet56-cifar10-jpeg.pt --budget B --calib train.tar.gz --eval val.tar.gz ... --device cpu{extra}`), "
         "defaults otherwise (criterion `reconstruction`, sensitivity allocation"
-        + ("" if args.recovery else ", recovery `lsq`") + "), one process per row.",
+        + ("" if args.recovery else f", recovery `{','.join(DEFAULT_RECIPE)}`") + "), one process per row.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; its speed varies by 10-40% over a day, so read the "
         f"spread. Process wall time {min(walls):.1f}-{max(walls):.1f} s over {len(walls)} runs (goal: 60 s).",
     ]

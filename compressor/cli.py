@@ -94,8 +94,8 @@ def compress_command(
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
-                                           f"{_recovery_choices()}. lsq,block repairs more (ResNet-56: "
-                                           "+0.7 to +2.5 points) for 15-20 s more on a 2-core CPU."),
+                                           f"{_recovery_choices()}. lsq alone is faster (ResNet-56 on a 2-core "
+                                           "CPU: 15-20 s less) and repairs less (0.7-2.5 points)."),
     allocation: str | None = typer.Option(None, help="Width allocation: global (one ranking over all layers), "
                                              "uniform, sensitivity (measured recoverability), criterion "
                                              "(widths the criterion proposes) [sensitivity with --calib, "

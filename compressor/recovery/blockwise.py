@@ -311,7 +311,7 @@ def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[i
 def _random_batch(x, y, pick, geometry, gen) -> tuple[torch.Tensor, torch.Tensor, tuple[slice, slice]]:
     """(block input, target, output window of the target) for one step; crops when ``geometry`` is set."""
     if geometry is None:
-        return x[pick], y[pick], (slice(None), slice(None))
+        return x.index_select(0, pick), y.index_select(0, pick), (slice(None), slice(None))
     stride, margin, crop = geometry
     size = crop // stride
     height, width = x.shape[-2:]
@@ -321,8 +321,10 @@ def _random_batch(x, y, pick, geometry, gen) -> tuple[torch.Tensor, torch.Tensor
     bottom = size if i0 + crop == height else size - margin
     right = size if j0 + crop == width else size - margin
     oi, oj = i0 // stride, j0 // stride
-    return (x[pick, :, i0 : i0 + crop, j0 : j0 + crop],
-            y[pick, :, oi + top : oi + bottom, oj + left : oj + right], (slice(top, bottom), slice(left, right)))
+    # index_select on the cropped view: about twice as fast as advanced indexing mixed with slices
+    return (x[:, :, i0 : i0 + crop, j0 : j0 + crop].index_select(0, pick),
+            y[:, :, oi + top : oi + bottom, oj + left : oj + right].index_select(0, pick),
+            (slice(top, bottom), slice(left, right)))
 
 
 class CosineAdam:

@@ -27,15 +27,27 @@ def _sample_count(total: int, dim: int, per_dim: int, lo: int, hi: int) -> int:
 
 
 def conv_patches(conv: nn.Conv2d, x: torch.Tensor, n: torch.Tensor, hw: torch.Tensor, out_w: int) -> torch.Tensor:
-    """Input patches of ``conv`` at output positions (n, hw): S x groups x (Cin/groups * kh * kw)."""
-    pad = conv._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, pad, mode=mode)
+    """Input patches of ``conv`` at output positions (n, hw): S x groups x (Cin/groups * kh * kw).
+
+    Zero padding is applied by masking the gathered values rather than by padding ``x``: the
+    whole calibration batch would otherwise be copied once per layer.
+    """
     kh, kw = conv.kernel_size
     sh, sw = conv.stride
     dh, dw = conv.dilation
     oh, ow = hw // out_w, hw % out_w
+    pad = conv._reversed_padding_repeated_twice  # (left, right, top, bottom)
+    if conv.padding_mode == "zeros" or not any(pad):
+        rows = (oh * sh - pad[2])[:, None] + torch.arange(kh, device=x.device) * dh  # S x kh
+        cols = (ow * sw - pad[0])[:, None] + torch.arange(kw, device=x.device) * dw  # S x kw
+        inside = ((rows >= 0) & (rows < x.shape[-2]))[:, :, None] & ((cols >= 0) & (cols < x.shape[-1]))[:, None, :]
+        patches = x[n[:, None, None], :, rows.clamp(0, x.shape[-2] - 1)[:, :, None],
+                    cols.clamp(0, x.shape[-1] - 1)[:, None, :]]  # S x kh x kw x Cin
+        if not bool(inside.all()):
+            patches.masked_fill_(~inside[..., None], 0)
+        s, cin = patches.shape[0], patches.shape[-1]
+        return patches.permute(0, 3, 1, 2).reshape(s, conv.groups, (cin // conv.groups) * kh * kw)
+    x = F.pad(x, pad, mode=conv.padding_mode)
     cols = []
     for i in range(kh):
         for j in range(kw):

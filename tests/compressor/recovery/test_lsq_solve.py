@@ -1,8 +1,10 @@
-"""The ridge solve behind lsq: the factored solver equals plain solves, and it survives non-PD input."""
+"""The solve behind lsq: the factored solver equals plain solves, it survives non-PD input, and patches are exact."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
 from compressor.recovery import lsq_solve
 
@@ -40,3 +42,28 @@ def test_ridge_solver_falls_back_when_the_factorization_fails():
     lam = lsq_solve._ridge(g, 1e-2)
     lhs = g + lam * torch.eye(3, dtype=torch.float64)
     assert torch.allclose(lhs @ w, b + lam * w_old)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize(("kernel", "stride", "dilation", "padding", "groups"), [
+    (3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (3, 1, 2, 2, 4), ((3, 5), 2, 1, (1, 2), 2), (1, 1, 1, 0, 1), (3, 1, 1, "same", 1),
+    (5, 1, 1, 3, 1),  # padding wider than the kernel's reach: whole padded rows and columns
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_patches_reproduce_the_convolution_at_sampled_positions(kernel, stride, dilation, padding, groups,
+                                                                     padding_mode, channels_last):
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(8, 12, kernel, stride=stride, dilation=dilation, padding=padding, groups=groups,
+                     padding_mode=padding_mode)
+    x = torch.randn(5, 8, 13, 11, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = conv(x)
+    out_h, out_w = y.shape[-2:]
+    flat = torch.randperm(5 * out_h * out_w, generator=gen)[:60].sort().values
+    n, hw = flat // (out_h * out_w), flat % (out_h * out_w)
+    patches = lsq_solve.conv_patches(conv, x, n, hw, out_w)  # S x groups x (Cin/groups * kh * kw)
+    weight = conv.weight.detach().reshape(groups, 12 // groups, -1)
+    rebuilt = torch.einsum("sgd,gcd->sgc", patches, weight).reshape(len(flat), 12) + conv.bias.detach()
+    torch.testing.assert_close(rebuilt, y.flatten(2)[n, :, hw], atol=1e-5, rtol=1e-5)
