@@ -17,10 +17,10 @@ from compressor.recovery.common import batches
 # alone ties BatchNorm re-estimation followed by least squares (cells within -0.55 to +0.52 points,
 # no sign either way) and skips a pass over the images; the reconstruction maps its targets through
 # the BNs, whose statistics it leaves as they are, so re-estimating them after it would undo part of
-# the fit. Then ``block``: with 256 or more images it added 0.2 to 2.5 points to ``lsq`` on
-# ResNet-56 and vgg_cifar (ResNet-56 at 1,024 images: 84.4% -> 85.8% at 50% FLOPs, 81.9% -> 84.1%
-# at 40%; an earlier version 0.4 on resnet18 and mobilenet_v2), for 15-20 s more on ResNet-56 on a
-# 2-core CPU; ``--recovery lsq`` is the faster choice.
+# the fit. Then ``block``: with 256 or more images it added 0.2 to 3.2 points to ``lsq`` on
+# ResNet-56, ResNet-20 and vgg_cifar (ResNet-56 at 1,024 images: 84.4% -> 85.8% at 50% FLOPs,
+# 81.9% -> 84.1% at 40%; an earlier version 0.4 on resnet18 and mobilenet_v2), for 15-20 s more on
+# ResNet-56 on a 2-core CPU; ``--recovery lsq`` is the faster choice.
 DEFAULT_RECIPE: list[str] = ["lsq", "block"]
 DATA_FREE_RECIPE: list[str] = ["datafree"]
 HOLDOUT_MAX = 128  # images held out of the calibration set to measure fidelity
