@@ -108,7 +108,8 @@ def search_widths(
     if estimate_macs(floor) > target_macs:
         raise BudgetError(
             f"budget unreachable: even the narrowest allowed widths keep {estimate_macs(floor):.3g} MACs "
-            f"> target {target_macs:.3g}; relax the budget, lower --min-channels or drop --ignore patterns"
+            f"> target {target_macs:.3g}; relax the budget, pass --no-align, lower --min-channels "
+            "or drop --ignore patterns"
         )
     norm = normalized_scores(groups, scores)
     sorted_desc = {gid: torch.sort(s, descending=True).values for gid, s in norm.items()}

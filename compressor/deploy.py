@@ -149,7 +149,8 @@ def latency(config: CompressConfig, target: Target, original: nn.Module, pruned:
                   for m, f in zip((original, pruned), onnx_files, strict=True)]
         result = compare_latency(*models, batch, device=target.torch_device, backend=backend,
                                  fp16=config.fp16, warmup=config.warmup, iters=config.iters, workdir=folder)
-        runs.append({"device": target.name, "backend": backend, "batch_size": config.batch_size, **result})
+        runs.append({"device": target.name, "backend": backend, "batch_size": config.batch_size,
+                     "channel_alignment": target.alignment, **result})
     return {"latency": runs[0], "latency_other": runs[1:]}
 
 

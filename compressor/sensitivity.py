@@ -356,7 +356,8 @@ def allocate_widths(
     if estimate(floor) > target_macs:
         raise BudgetError(
             f"budget unreachable: even the narrowest allowed widths keep {estimate(floor):.3g} MACs "
-            f"> target {target_macs:.3g}; relax the budget, lower --min-channels or drop --ignore patterns"
+            f"> target {target_macs:.3g}; relax the budget, pass --no-align, lower --min-channels "
+            "or drop --ignore patterns"
         )
     counts = {g.id: g.size for g in prunable}
     if estimate(counts) <= target_macs:

@@ -1,4 +1,4 @@
-"""The report's latency note: a speed-up inside the measurement's spread is called no measurable change."""
+"""The report's latency notes: a speed-up inside the spread, and unaligned CPU widths that bought none."""
 
 from __future__ import annotations
 
@@ -45,3 +45,23 @@ def test_estimates_and_incomplete_blocks_get_no_note():
     lat = _latency((1.0, 1.2), (1.0, 1.2))
     del lat["pruned_ms"]["p90"]
     assert latency_spread_note(lat) is None
+
+
+@pytest.mark.parametrize(("alignment", "original", "pruned", "backend", "noted"), [
+    (1, (0.648, 0.70), (0.776, 0.80), "onnxruntime", True),  # mobilenet_v2 at 40% unaligned: 0.83x
+    (1, (1.049, 1.10), (0.979, 1.02), "onnxruntime", True),  # resnet18 at 40% unaligned: 1.07x
+    (8, (0.648, 0.70), (0.776, 0.80), "onnxruntime", False),  # already aligned: nothing to suggest
+    (1, (0.646, 0.70), (0.288, 0.30), "onnxruntime", False),  # a real speed-up (2.24x)
+    (1, (0.648, 0.70), (0.776, 0.80), "torch", False),  # the hint is about onnxruntime's CPU kernels
+    (None, (0.648, 0.70), (0.776, 0.80), "onnxruntime", False),  # no alignment recorded (older reports)
+])
+def test_alignment_hint_when_unaligned_widths_bought_no_speed_up(alignment, original, pruned, backend, noted):
+    extra = {} if alignment is None else {"channel_alignment": alignment}
+    lat = {**_latency(original, pruned, **extra), "backend": backend}
+    assert any("try --align" in line for line in _report(lat).summary_lines()) == noted
+    assert ("try --align" in render_markdown(_report(lat).data)) == noted
+
+
+def test_no_alignment_hint_for_estimates():
+    lat = _latency((1.05, 1.10), (1.10, 1.12), channel_alignment=1, estimate=True)
+    assert not any("try --align" in line for line in _report(lat).summary_lines())
