@@ -4,7 +4,8 @@ For each model, FLOPs budget, calibration size and criterion, one pipeline run w
 recovery recipe gives both accuracies (before recovery = recovery "none", after = "default");
 the scoring wall time is the pipeline's "score" stage. Results are appended to
 bench/results/criteria.jsonl as they come (so a long run can be cut short) and
-bench/results/criteria.md is rewritten after every run.
+bench/results/criteria.md is rewritten after every run. Each row records the recipe; rows of an
+earlier default (``criteria-lsq.jsonl`` / ``.md``: ``lsq`` alone) are kept as history, not mixed in.
 
 Run: python bench/criteria.py [--eval-size N] [--models resnet56,resnet20] [--calib 1024,32]
      [--budgets 50%flops,40%flops] [--criteria l1,taylor,...] [--fresh]
@@ -56,17 +57,27 @@ def weights_file(model: str) -> str:
     return str(out)
 
 
+RECIPE = "+".join(DEFAULT_RECIPE)
+
+
 def key(r: dict) -> tuple:
     return (r["model"], r["budget"], r["calib"], r["criterion"])
 
 
 def load_rows() -> dict[tuple, dict]:
+    """Earlier rows measured with today's default recipe; rows of another recipe are set aside."""
     rows: dict[tuple, dict] = {}
+    skipped = 0
     if JSONL.exists():
         for line in JSONL.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                if r.get("recipe") != RECIPE:
+                    skipped += 1
+                    continue
                 rows[key(r)] = r
+    if skipped:
+        print(f"{skipped} row(s) in {JSONL.name} used another recovery recipe than {RECIPE}; measuring again")
     return rows
 
 
@@ -76,7 +87,7 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "",
         "One `compressor.pipeline.run` per row: global width ranking (`--allocation global`), FLOPs budget, "
         "recovery `none` (accuracy before recovery) and the default recipe (after recovery: "
-        f"`{'+'.join(DEFAULT_RECIPE)}`) "
+        f"`{RECIPE}`) "
         "from the same run. Calibration images: a seeded random subset (seed 0) of `train.tar.gz`; accuracy "
         f"on {'all 5,000' if eval_size is None else f'{eval_size:,} (seeded subset) of the'} `val.tar.gz` images. "
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "
@@ -137,7 +148,7 @@ def main() -> None:
         for calib in (int(c) for c in args.calib.split(",")):
             for budget in args.budgets.split(","):
                 for crit in args.criteria.split(","):
-                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit}
+                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, "recipe": RECIPE}
                     if key(row) in rows:
                         continue
                     name, _, allocation = crit.partition("@")  # e.g. snpfi@criterion: the criterion's widths

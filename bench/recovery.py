@@ -28,6 +28,9 @@ Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,
     # block after the default recipe (the last tables: ResNet-56, and vgg_cifar retrained on a fresh machine)
     python bench/recovery.py --criterion reconstruction --recipes lsq,lsq+block --append
     python bench/recovery.py --model vgg_cifar --criterion reconstruction --recipes lsq,lsq+block --append
+    # the default on the torchvision networks (sixth session; weights trained anew, 1 thread beside other jobs)
+    python bench/recovery.py --model mobilenet_v2 --criterion reconstruction --calib-sizes 1024 --recipes lsq,lsq+block
+    python bench/recovery.py --model resnet18 --criterion reconstruction --calib-sizes 1024 --recipes lsq,lsq+block
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def main() -> None:
         "Cells: top-1 accuracy after recovery (change vs original, points). "
         "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images). "
         f"FLOPs kept (exact): {flops_text(log)}. No labels are used by any recovery method.",
-        f"Recovery s: wall time of the recipe alone at 50% FLOPs with 1,024 images, {args.threads} threads on a "
+        f"Recovery s: wall time of the recipe alone at 50% FLOPs with {max(sizes):,} images, {args.threads} "
+        f"thread{'s' if args.threads != 1 else ''} on a "
         "shared 2-core machine (other jobs were running, so times are upper bounds).",
     ]
     title = (f"{args.model}: recovery without retraining "
