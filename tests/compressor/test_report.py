@@ -54,6 +54,7 @@ def test_estimates_and_incomplete_blocks_get_no_note():
     (1, (0.646, 0.70), (0.288, 0.30), "onnxruntime", False),  # a real speed-up (2.24x)
     (1, (0.648, 0.70), (0.776, 0.80), "torch", False),  # the hint is about onnxruntime's CPU kernels
     (None, (0.648, 0.70), (0.776, 0.80), "onnxruntime", False),  # no alignment recorded (older reports)
+    (1, (0.180, 0.21), (0.175, 0.20), "onnxruntime", False),  # the demo network: overhead-bound, widths moot
 ])
 def test_alignment_hint_when_unaligned_widths_bought_no_speed_up(alignment, original, pruned, backend, noted):
     extra = {} if alignment is None else {"channel_alignment": alignment}
