@@ -31,6 +31,9 @@ Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,
     # the default on the torchvision networks (sixth session; weights trained anew, 1 thread beside other jobs)
     python bench/recovery.py --model mobilenet_v2 --criterion reconstruction --calib-sizes 1024 --recipes lsq,lsq+block
     python bench/recovery.py --model resnet18 --criterion reconstruction --calib-sizes 1024 --recipes lsq,lsq+block
+    # the allocation's probe widths (seventh session; likewise vgg_cifar, resnet18, mobilenet_v2, resnet20 --val 2000)
+    python bench/recovery.py --criterion reconstruction --calib-sizes 1024 --recipes lsq+block --probe-ratios 0.6,0.3
+    python bench/recovery.py --criterion reconstruction --recipes lsq,lsq+block    # the default, 80/60/30% probes
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def main() -> None:
                         help=f"row labels to run, comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--jsonl", default=None, help="also write one JSON line per cell to this file")
+    parser.add_argument("--probe-ratios", default=None,
+                        help="sensitivity probe widths as fractions, comma-separated (default: the library's)")
     args = parser.parse_args()
     require_shared()
     torch.set_num_threads(args.threads)
@@ -82,9 +87,10 @@ def main() -> None:
     from compressor.data import load_images
     from compressor.recovery import RecoveryContext
     from compressor.recovery.recipe import DEFAULT_RECIPE, run_recipe
-    from compressor.sensitivity import allocate_widths
+    from compressor.sensitivity import PROBE_RATIOS, allocate_widths
 
     sizes = tuple(int(v) for v in args.calib_sizes.split(","))
+    probe_ratios = tuple(float(v) for v in args.probe_ratios.split(",")) if args.probe_ratios else PROBE_RATIOS
     wanted = set(args.recipes.split(","))
     recipes = {}
     for label, names in RECIPES.items():
@@ -111,7 +117,7 @@ def main() -> None:
         for ratio in RATIOS:
             t0 = time.perf_counter()
             if args.allocation == "sensitivity":
-                counts = allocate_widths(graph, scores, calib, ratio * full)
+                counts = allocate_widths(graph, scores, calib, ratio * full, ratios=probe_ratios)
             else:
                 counts = budget_mod.search_widths(graph.groups, scores, ratio * full,
                                                   lambda c: graph_mod.estimate_macs(graph, c))
@@ -130,7 +136,8 @@ def main() -> None:
                 results[(label, ratio, n)] = (acc, rec_s, alloc_s)
                 entry = {"recipe": label, "ratio": ratio, "calib": n, "flops_kept": macs / macs_full,
                          "accuracy": acc, "recovery_s": rec_s, "allocation_s": alloc_s,
-                         "steps": info["steps"], "allocation": args.allocation, "criterion": args.criterion}
+                         "steps": info["steps"], "allocation": args.allocation, "criterion": args.criterion,
+                         "probe_ratios": list(probe_ratios)}
                 log.append(entry)
                 print(json.dumps(entry), flush=True)
     header = ["recipe"] + [f"{int(r * 100)}% / {n}" for r in RATIOS for n in sizes] + [f"recovery s (50%/{max(sizes)})"]
@@ -141,7 +148,8 @@ def main() -> None:
         rows.append([label, *cells, f"{results[(label, 0.5, max(sizes))][1]:.1f}"])
     notes = [
         f"Model: {model_text}, original accuracy {base_acc:.2%} on {len(vx)} held-out images; "
-        f"criterion {args.criterion}; width allocation: {args.allocation}. "
+        f"criterion {args.criterion}; width allocation: {args.allocation}"
+        + (f" (probe widths {', '.join(map(str, probe_ratios))})" if args.allocation == "sensitivity" else "") + ". "
         "Cells: top-1 accuracy after recovery (change vs original, points). "
         "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images). "
         f"FLOPs kept (exact): {flops_text(log)}. No labels are used by any recovery method.",

@@ -167,7 +167,9 @@ def test_end_to_end_small_network(workspace):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["criterion"] == "l1"  # 24 calibration images: too few for the data-driven default
-    assert 0.49 <= report["flops"]["ratio"] <= 0.50
+    # one channel of conv2's output is 3.0% of this network's MACs (16*9 + 32*9 of 14,256 per pixel), so the
+    # width search may end up to one such step below the budget, never above it
+    assert 0.50 - 0.031 <= report["flops"]["ratio"] <= 0.50
     assert report["macs"]["ratio"] == pytest.approx(report["flops"]["ratio"])
     assert report["soundness"]["max_abs_diff"] < 1e-4
     assert report["export"]["onnx"]["max_abs_diff"] <= 1e-4

@@ -296,6 +296,36 @@ def test_allocate_widths_measures_widths_below_the_narrowest_probe(monkeypatch):
     assert any(c < lowest_ok[gid] for gid, c in measured), measured  # the refinement looked below the probes
 
 
+@pytest.mark.parametrize("ratios", [None, (0.5,), (0.9, 0.7, 0.5, 0.25)])
+def test_allocate_widths_probes_the_given_widths(monkeypatch, ratios):
+    """Each group is probed at its rounded probe widths (PROBE_RATIOS by default); the widths it ends with
+    are probed ones unless the budget boundary falls inside a segment."""
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    prunable = [g for g in graph.groups if g.prunable]
+    measured: dict[int, set[int]] = {g.id: set() for g in prunable}
+    sizes = {g.id: g.size for g in prunable}
+
+    def distortion(self, plan, refit=True):
+        ((gid, kept),) = plan.items()
+        measured[gid].add(len(kept))
+        return 1.0 - len(kept) / sizes[gid]
+
+    monkeypatch.setattr(sensitivity._Prober, "distortion", distortion)
+    scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in prunable}
+    full = graph_mod.estimate_macs(graph, {g.id: g.size for g in prunable})
+    kwargs = {} if ratios is None else {"ratios": ratios}
+    counts = sensitivity.allocate_widths(graph, scores, images(64, 11), 0.6 * full, **kwargs)
+    assert graph_mod.estimate_macs(graph, counts) <= 0.6 * full
+    for g in prunable:
+        expected = {int(round(g.size * r)) for r in (ratios or sensitivity.PROBE_RATIOS)} - {g.size}
+        assert expected <= measured[g.id], (g.root, sorted(measured[g.id]))
+        assert measured[g.id] - expected <= {c for c in measured[g.id] if c < min(expected)}  # refinements only
+
+
 @pytest.mark.parametrize("calib_size, probe, fit", [(64, 16, 48), (128, 64, 64), (1024, 64, 64)])
 def test_probe_slice_leaves_images_for_the_refits(monkeypatch, calib_size, probe, fit):
     """64 probe images when there are enough; 16 on small sets, so the refits keep at least 48 others."""
