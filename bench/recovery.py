@@ -73,8 +73,9 @@ def main() -> None:
                         help=f"row labels to run, comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--jsonl", default=None, help="also write one JSON line per cell to this file")
-    parser.add_argument("--probe-ratios", default=None,
-                        help="sensitivity probe widths as fractions, comma-separated (default: the library's)")
+    parser.add_argument("--probe-ratios", default=None, type=probe_ratios_arg,
+                        help="sensitivity probe widths as fractions in (0, 1), comma-separated, e.g. 0.8,0.6,0.3 "
+                             "(default: the library's)")
     args = parser.parse_args()
     require_shared()
     torch.set_num_threads(args.threads)
@@ -90,7 +91,7 @@ def main() -> None:
     from compressor.sensitivity import PROBE_RATIOS, allocate_widths
 
     sizes = tuple(int(v) for v in args.calib_sizes.split(","))
-    probe_ratios = tuple(float(v) for v in args.probe_ratios.split(",")) if args.probe_ratios else PROBE_RATIOS
+    probe_ratios = args.probe_ratios or PROBE_RATIOS
     wanted = set(args.recipes.split(","))
     recipes = {}
     for label, names in RECIPES.items():
@@ -162,6 +163,17 @@ def main() -> None:
     write_table(Path(args.out), title, header, rows, notes, append=args.append)
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(e) + "\n" for e in log))
+
+def probe_ratios_arg(text: str) -> tuple[float, ...]:
+    """``--probe-ratios``: comma-separated fractions strictly between 0 and 1."""
+    try:
+        ratios = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        ratios = ()
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise argparse.ArgumentTypeError(f"{text!r}: give fractions between 0 and 1, e.g. 0.8,0.6,0.3")
+    return ratios
+
 
 def load_case(name: str, calib_size: int, load_resnet, load_images):
     """(model, calibration images, labelled evaluation set, description) for ``--model``."""

@@ -75,6 +75,20 @@ def min_counts(groups: list[ChannelGroup]) -> dict[int, int]:
     return {g.id: _round_count(g, 0) for g in groups if g.prunable}
 
 
+def check_reachable(floor_macs: float, target_macs: float) -> None:
+    """Raise when even the narrowest allowed widths (``floor_macs``) exceed ``target_macs``.
+
+    Raises:
+        BudgetError: with the ways out (budget, alignment, --min-channels, --ignore).
+    """
+    if floor_macs > target_macs:
+        raise BudgetError(
+            f"budget unreachable: even the narrowest allowed widths keep {floor_macs:.3g} MACs "
+            f"> target {target_macs:.3g}; relax the budget, pass --no-align, lower --min-channels "
+            "or drop --ignore patterns"
+        )
+
+
 def normalized_scores(groups: list[ChannelGroup], scores: Scores) -> dict[int, torch.Tensor]:
     """Scores divided by their group's mean, so that one global threshold compares layers."""
     out = {}
@@ -105,12 +119,7 @@ def search_widths(
     """
     prunable = [g for g in groups if g.prunable]
     floor = min_counts(groups)
-    if estimate_macs(floor) > target_macs:
-        raise BudgetError(
-            f"budget unreachable: even the narrowest allowed widths keep {estimate_macs(floor):.3g} MACs "
-            f"> target {target_macs:.3g}; relax the budget, pass --no-align, lower --min-channels "
-            "or drop --ignore patterns"
-        )
+    check_reachable(estimate_macs(floor), target_macs)
     norm = normalized_scores(groups, scores)
     sorted_desc = {gid: torch.sort(s, descending=True).values for gid, s in norm.items()}
 

@@ -362,12 +362,7 @@ def allocate_widths(
     floor = budget_mod.min_counts(groups)
     estimate = lambda counts: graph_mod.estimate_macs(graph, counts)  # noqa: E731
     change = lambda counts, gid, new: graph_mod.estimate_macs_change(graph, counts, gid, new)  # noqa: E731
-    if estimate(floor) > target_macs:
-        raise BudgetError(
-            f"budget unreachable: even the narrowest allowed widths keep {estimate(floor):.3g} MACs "
-            f"> target {target_macs:.3g}; relax the budget, pass --no-align, lower --min-channels "
-            "or drop --ignore patterns"
-        )
+    budget_mod.check_reachable(estimate(floor), target_macs)
     counts = {g.id: g.size for g in prunable}
     if estimate(counts) <= target_macs:
         return counts

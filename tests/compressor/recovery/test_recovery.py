@@ -298,8 +298,8 @@ def test_allocate_widths_measures_widths_below_the_narrowest_probe(monkeypatch):
 
 @pytest.mark.parametrize("ratios", [None, (0.5,), (0.9, 0.7, 0.5, 0.25)])
 def test_allocate_widths_probes_the_given_widths(monkeypatch, ratios):
-    """Each group is probed at its rounded probe widths (PROBE_RATIOS by default); the widths it ends with
-    are probed ones unless the budget boundary falls inside a segment."""
+    """Each group is probed at its rounded probe widths (PROBE_RATIOS by default), and below them only
+    where the allocation refines a width under the narrowest probe."""
     from compressor import graph as graph_mod
     from compressor import sensitivity
 
