@@ -8,7 +8,7 @@ bench/results/criteria.md is rewritten after every run. Each row records the rec
 earlier default (``criteria-lsq.jsonl`` / ``.md``: ``lsq`` alone) are kept as history, not mixed in.
 
 Run: python bench/criteria.py [--eval-size N] [--models resnet56,resnet20] [--calib 1024,32]
-     [--budgets 50%flops,40%flops] [--criteria l1,taylor,...] [--fresh]
+     [--budgets 50%flops,40%flops] [--criteria l1,taylor,...] [--fresh | --redo]
 Data-driven criteria need calibration images; data-free ones (l1, l2, fpgm, bn_scale, random)
 score identically at both calibration sizes, only the recovery sees the difference.
 """
@@ -92,7 +92,8 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         f"on {'all 5,000' if eval_size is None else f'{eval_size:,} (seeded subset) of the'} `val.tar.gz` images. "
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "
         "(`--allocation criterion`, its utilization-strength keep ratios scaled to the budget); "
-        "`NAME@sensitivity` uses the measured-sensitivity allocation, the pipeline's default with calibration data.",
+        "`NAME@sensitivity` uses the measured-sensitivity allocation, the pipeline's default with calibration data "
+        "(those rows were re-measured on 2026-11-25 with `--redo`, after the allocation gained its 80% probe).",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
         "CPU shared with other jobs, so times are indicative only.",
         "",
@@ -135,6 +136,8 @@ def main() -> None:
                    help="names; NAME@ALLOCATION runs NAME with that --allocation (default: global)")
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--fresh", action="store_true", help="forget earlier results in criteria.jsonl")
+    p.add_argument("--redo", action="store_true",
+                   help="measure the listed rows again even when criteria.jsonl has them (the new rows replace them)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     require_shared()
@@ -149,7 +152,7 @@ def main() -> None:
             for budget in args.budgets.split(","):
                 for crit in args.criteria.split(","):
                     row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, "recipe": RECIPE}
-                    if key(row) in rows:
+                    if key(row) in rows and not args.redo:
                         continue
                     name, _, allocation = crit.partition("@")  # e.g. snpfi@criterion: the criterion's widths
                     get_criterion(name)  # unknown names fail before any work

@@ -34,6 +34,8 @@ Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,
     # the allocation's probe widths (seventh session; likewise vgg_cifar, resnet18, mobilenet_v2, resnet20 --val 2000)
     python bench/recovery.py --criterion reconstruction --calib-sizes 1024 --recipes lsq+block --probe-ratios 0.6,0.3
     python bench/recovery.py --criterion reconstruction --recipes lsq,lsq+block    # the default, 80/60/30% probes
+    # lsq and block interleaved block by block (eighth session)
+    python bench/recovery.py --criterion reconstruction --recipes lsq+block,lsq_block --threads 1
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ import torch
 from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shared, write_table
 
 RECIPES = {"none": [], "bn": ["bn"], "bias+bn": ["bias", "bn"], "lsq": ["lsq"], "bn+lsq": ["bn", "lsq"],
-           "lsq+mimic": ["lsq", "mimic"], "bn+lsq+mimic": ["bn", "lsq", "mimic"], "lsq+block": ["lsq", "block"]}
+           "lsq+mimic": ["lsq", "mimic"], "bn+lsq+mimic": ["bn", "lsq", "mimic"], "lsq+block": ["lsq", "block"],
+           "lsq_block": ["lsq_block"]}
 DEFAULT_ROWS = ("none", "bn", "bias+bn", "lsq", "bn+lsq", "lsq+block")  # mimic: minutes a cell on a CPU
 CALIB_SIZES = (64, 256, 1024)
 RATIOS = (0.5, 0.4)

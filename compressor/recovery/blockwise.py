@@ -81,7 +81,7 @@ from torch.nn import functional as F
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
 from compressor.recovery.common import BN_TYPES, LAYER_TYPES, image_cap, require_calib, spread
-from compressor.recovery.lsq import _trace_pair, run_node
+from compressor.recovery.lsq import _exec_order, _layers_to_fit, _trace_pair, refit_segment, run_node
 
 STEPS = 100  # per block
 LEARNING_RATE = 1e-3  # Adam, cosine decay; 3e-3 did worse on ResNet-56
@@ -212,10 +212,12 @@ def _run_batched(gm, start, body, x: torch.Tensor) -> torch.Tensor:
 
 def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tensor, *,
                        device: str = "cpu", steps: int | None = None, lr: float | None = None, seed: int = 0,
-                       log=None) -> dict:
+                       log=None, refit: bool = False) -> dict:
     """Adam steps block by block on ``pruned`` (in place); returns per-block held-out errors.
 
     ``steps`` (per block) and ``lr`` default to STEPS and LEARNING_RATE; ``log`` receives a line per block.
+    ``refit``: first refit each block's layers by least squares (``lsq``'s solve, fed the input the
+    repaired upstream produces), as ``lsq_block`` does.
     """
     steps = STEPS if steps is None else steps
     lr = LEARNING_RATE if lr is None else lr
@@ -238,16 +240,27 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
         p.requires_grad_(False)
     x_p = x_o = calib
     results = []
+    refit_names = set(_layers_to_fit(pruned, kept, calib[:1], "downstream")) if refit else set()
+    position = {n: i for i, n in enumerate(_exec_order(gm_p.graph))}
+    lsq_gen = torch.Generator().manual_seed(seed)
     try:
         for number, (start, body) in enumerate(blocks):
-            y_full = _run_batched(gm_o, to_orig[start], [to_orig[n] for n in body], x_o)
+            if refit_names & {n.target for n in body if n.op == "call_module"}:
+                # shortcuts first, as in lsq, so a layer feeding an addition sees its other operand's error
+                ordered = sorted(body[:-1], key=lambda n: position.get(n, len(position))) + [body[-1]]
+                fits, y_full, _ = refit_segment(traced, start, ordered, _channels_last(x_o), _channels_last(x_p), kept,
+                                                refit_names, lsq_gen)
+                y_full = y_full.contiguous()
+            else:
+                fits = {}
+                y_full = _run_batched(gm_o, to_orig[start], [to_orig[n] for n in body], x_o)
             out = body[-1]
             channels = index.get(out)
             y_o = y_full if channels is None else y_full[:, torch.as_tensor(channels, dtype=torch.long)]
             params = [p for n in body if n.op == "call_module"
                       and isinstance(gm_p.get_submodule(n.target), LAYER_TYPES)
                       for p in gm_p.get_submodule(n.target).parameters()]
-            result = {"block": number, "end": out.name, "status": "kept"}
+            result = {"block": number, "end": out.name, "status": "kept", "least_squares": len(fits)}
             if out in index and params and y_o.shape[1:] == _run_block(gm_p, start, body, x_p[:1]).shape[1:]:
                 result.update(_fit_block(gm_p, start, body, x_p, y_o, params, hold, train, gen, steps, lr))
             results.append(result)
@@ -260,6 +273,11 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
             p.requires_grad_(flag)
             p.grad = None
     return {"status": "done", "blocks": results}
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout ``lsq``'s full-batch passes use (faster convolutions on a CPU)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def _crop_geometry(gm, start, body, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, int] | None:

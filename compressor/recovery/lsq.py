@@ -300,60 +300,90 @@ def _relu_threshold(target, a_p, c_p, shortcut):
 def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim, lo, hi, seed) -> dict[str, dict]:
     """Run both graphs node by node on the full batch; refit each layer with residual-aware targets."""
     gm_o, gm_p = traced
-    to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
     order = _exec_order(gm_p.graph)
-    remaining = {n: len(n.users) for n in order}
-    env_o: dict = {}
-    env_p: dict = {}
+    start = next(n for n in order if n.op == "placeholder")
     gen = torch.Generator().manual_seed(seed)
+    infos, _, _ = refit_segment(traced, start, [n for n in order if n is not start], calib, calib, kept, names, gen,
+                                fit_bias=fit_bias, per_dim=per_dim, lo=lo, hi=hi)
+    return infos
+
+
+def refit_segment(traced, start: fx.Node, body: list[fx.Node], x_o: torch.Tensor, x_p: torch.Tensor, kept: dict,
+                  names: set[str], gen: torch.Generator, *, fit_bias: bool = True, per_dim: int = 64,
+                  lo: int = 4096, hi: int = 65536) -> tuple[dict[str, dict], object, object]:
+    """Lock-step refit of the layers in ``names`` among ``body`` (pruned graph's nodes, in execution order).
+
+    ``start`` is the node whose value is ``x_p`` in the pruned graph and ``x_o`` in the original (the
+    placeholder for a whole network; a block's input node for a block). Every value the body needs
+    must come from ``start`` or from the body itself. Returns (per-layer diagnostics, the original's
+    and the pruned graph's value of the body's last node).
+    """
+    gm_o, gm_p = traced
+    to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
+    remaining = {n: len(n.users) for n in [start, *body]}
+    env_o: dict = {to_orig[start]: x_o}
+    env_p: dict = {start: x_p}
     infos: dict[str, dict] = {}
     with torch.no_grad():
-        for node in order:
+        for node in body:
             node_o = to_orig[node]
-            env_o[node_o] = run_node(gm_o, node_o, env_o, calib)
+            for arg in node.all_input_nodes:
+                if arg not in env_p and arg.op == "get_attr":  # a constant defined before the segment
+                    env_p[arg] = run_node(gm_p, arg, env_p, x_p)
+                    env_o[to_orig[arg]] = run_node(gm_o, to_orig[arg], env_o, x_o)
+            env_o[node_o] = run_node(gm_o, node_o, env_o, x_o)
             if node.op == "call_module" and node.target in names and node.target not in infos:
-                name = node.target
-                module = gm_p.get_submodule(name)
-                y = env_o[node_o]
-                n, hw, out_w = sample_positions(y, module, gen, per_dim, lo, hi)
-                target = values_at(y, module, n, hw)
-                out_idx = kept.get(name, {}).get("out")
-                if out_idx:
-                    target = target[:, torch.as_tensor(out_idx, dtype=torch.long, device=target.device)]
-                bn, partner = _residual_partner(node, gm_p)
-                comp = None
-                if partner is not None and partner in env_p and to_orig[partner] in env_o:
-                    b_o, b_p = env_o[to_orig[partner]], env_p[partner]
-                    if b_o.dim() == b_p.dim() >= 2 and b_o.shape[2:] == b_p.shape[2:]:
-                        s_o, s_p = values_at(b_o, module, n, hw), values_at(b_p, module, n, hw)  # S x C: sampled only
-                        ch = kept.get(bn.target if bn is not None else name, {}).get("out")
-                        if ch is not None:
-                            s_o = s_o[:, torch.as_tensor(ch, dtype=torch.long, device=s_o.device)]
-                        if s_o.shape == s_p.shape and s_o.shape[1] == target.shape[1]:
-                            comp = s_o - s_p
-                if bn is not None:
-                    bn_name = bn.target
-                    a_o, c_o = bn_affine(gm_o.get_submodule(bn_name), kept.get(bn_name, {}).get("out"))
-                    a_p, c_p = bn_affine(gm_p.get_submodule(bn_name), None)
-                    target = _into_bn_input(target, a_o, c_o, a_p, c_p, comp)
-                elif comp is not None:
-                    target = target + comp
-                relu = None
-                if RELU_AWARE and _feeds_relu(node, bn, partner, gm_p) and (partner is None or comp is not None):
-                    shortcut = s_p if partner is not None else None
-                    relu = _relu_threshold(target, a_p if bn is not None else None,
-                                           c_p if bn is not None else None, shortcut)
-                x = fx.node.map_arg(node.args, lambda a: env_p[a])[0]
-                infos[name] = fit_layer(module, x, n, hw, out_w, target, fit_bias, relu=relu)
-                infos[name]["residual"] = comp is not None
-                infos[name]["relu_aware"] = relu is not None
-            env_p[node] = run_node(gm_p, node, env_p, calib)
+                infos[node.target] = _refit_node(gm_o, gm_p, to_orig, node, env_o, env_p, kept, gen,
+                                                 fit_bias, per_dim, lo, hi)
+            env_p[node] = run_node(gm_p, node, env_p, x_p)
             for a in node.all_input_nodes:
+                if a not in remaining:
+                    continue
                 remaining[a] -= 1
                 if remaining[a] == 0:
                     env_p.pop(a, None)
                     env_o.pop(to_orig[a], None)
-    return infos
+    last = body[-1]
+    return infos, env_o.get(to_orig[last]), env_p.get(last)
+
+
+def _refit_node(gm_o, gm_p, to_orig, node, env_o, env_p, kept, gen, fit_bias, per_dim, lo, hi) -> dict:
+    """Refit the layer at ``node`` of the pruned graph (in place) from the lock-step values so far."""
+    name = node.target
+    module = gm_p.get_submodule(name)
+    y = env_o[to_orig[node]]
+    n, hw, out_w = sample_positions(y, module, gen, per_dim, lo, hi)
+    target = values_at(y, module, n, hw)
+    out_idx = kept.get(name, {}).get("out")
+    if out_idx:
+        target = target[:, torch.as_tensor(out_idx, dtype=torch.long, device=target.device)]
+    bn, partner = _residual_partner(node, gm_p)
+    comp = None
+    if partner is not None and partner in env_p and to_orig[partner] in env_o:
+        b_o, b_p = env_o[to_orig[partner]], env_p[partner]
+        if b_o.dim() == b_p.dim() >= 2 and b_o.shape[2:] == b_p.shape[2:]:
+            s_o, s_p = values_at(b_o, module, n, hw), values_at(b_p, module, n, hw)  # S x C: sampled only
+            ch = kept.get(bn.target if bn is not None else name, {}).get("out")
+            if ch is not None:
+                s_o = s_o[:, torch.as_tensor(ch, dtype=torch.long, device=s_o.device)]
+            if s_o.shape == s_p.shape and s_o.shape[1] == target.shape[1]:
+                comp = s_o - s_p
+    if bn is not None:
+        bn_name = bn.target
+        a_o, c_o = bn_affine(gm_o.get_submodule(bn_name), kept.get(bn_name, {}).get("out"))
+        a_p, c_p = bn_affine(gm_p.get_submodule(bn_name), None)
+        target = _into_bn_input(target, a_o, c_o, a_p, c_p, comp)
+    elif comp is not None:
+        target = target + comp
+    relu = None
+    if RELU_AWARE and _feeds_relu(node, bn, partner, gm_p) and (partner is None or comp is not None):
+        shortcut = s_p if partner is not None else None
+        relu = _relu_threshold(target, a_p if bn is not None else None, c_p if bn is not None else None, shortcut)
+    x = fx.node.map_arg(node.args, lambda a: env_p[a])[0]
+    info = fit_layer(module, x, n, hw, out_w, target, fit_bias, relu=relu)
+    info["residual"] = comp is not None
+    info["relu_aware"] = relu is not None
+    return info
 
 
 @register

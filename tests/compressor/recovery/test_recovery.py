@@ -140,7 +140,7 @@ def test_method_runs_keeps_shapes_and_reduces_distortion(name):
         totals[0] += before
         totals[1] += after
     before, after = totals
-    if name in ("bn", "bias", "lsq", "mimic", "block"):
+    if name in ("bn", "bias", "lsq", "mimic", "block", "lsq_block"):
         assert after < before, (name, before, after)
     else:  # data-free merging may find nothing to merge in random weights, but must not blow up
         assert after < before * 1.5, (name, before, after)
@@ -535,6 +535,65 @@ def test_block_skips_a_model_fx_cannot_trace_and_says_so(monkeypatch):
     assert lines == ["block: skipped (not fx-traceable)"]
     for k, v in ctx.pruned.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("depth", [20, 0])
+def test_lsq_block_without_steps_equals_lsq(monkeypatch, depth):
+    """Block by block, each layer's least-squares refit sees the same input, targets and sampled positions as
+    in ``lsq``'s one pass: with no steps the two give the same weights (a CIFAR ResNet with pruned zero-padded
+    shortcuts, whose residual targets need the shortcut computed first; and the plain tiny network)."""
+    from conftest import load_cifar_resnet, randomize_bn
+
+    from compressor import graph as G
+    from compressor.recovery import blockwise
+
+    monkeypatch.setattr(blockwise, "STEPS", 0)
+    if depth:
+        graph = G.build_graph(randomize_bn(load_cifar_resnet(depth)), torch.randn(1, 3, 32, 32))
+        plan = G.random_plan(graph, 0.5, seed=0)
+        ctx = RecoveryContext(original=graph.model, pruned=G.apply_plan(graph, plan).model, groups=graph.groups,
+                              plan=plan, kept=G.apply_plan(graph, plan).kept, calib=images(96, 3))
+    else:
+        ctx = make_case(keep_fraction=0.5)
+    alone = dataclasses.replace(ctx, pruned=copy.deepcopy(ctx.pruned))
+    unrepaired = copy.deepcopy(ctx.pruned)
+    get_recovery("lsq").apply(alone)
+    method = get_recovery("lsq_block")
+    method.apply(ctx)
+    assert all(b["least_squares"] > 0 for b in method.last_info["blocks"][1:]), method.last_info
+    with torch.no_grad():  # equal up to float rounding (the passes run in batches of different sizes)
+        expected, got = alone.pruned(HELD_OUT), ctx.pruned(HELD_OUT)
+        before = unrepaired(HELD_OUT)
+    scale = float(expected.abs().max())
+    assert float((got - expected).abs().max()) <= 1e-3 * scale
+    assert float((before - expected).abs().max()) > 1e-2 * scale  # the refit changed the outputs
+
+
+def test_lsq_block_steps_after_each_blocks_least_squares():
+    ctx = make_case(keep_fraction=0.5)
+    alone = dataclasses.replace(ctx, pruned=copy.deepcopy(ctx.pruned))
+    get_recovery("lsq").apply(alone)
+    method = get_recovery("lsq_block")
+    method.apply(ctx)
+    blocks = method.last_info["blocks"]
+    assert [b["least_squares"] for b in blocks] == [1, 2], blocks  # the first conv reads the image: not refit
+    assert all((b["status"] == "refit") == (b["after"] < b["before"]) for b in blocks), blocks
+    assert any(b["status"] == "refit" for b in blocks), blocks
+    assert distortion(ctx.original, ctx.pruned, HELD_OUT) < distortion(alone.original, alone.pruned, HELD_OUT)
+
+
+def test_lsq_block_falls_back_to_lsq_when_fx_cannot_trace(monkeypatch):
+    from compressor.recovery import blockwise
+
+    ctx = make_case(keep_fraction=0.5)
+    before = distortion(ctx.original, ctx.pruned, HELD_OUT)
+    monkeypatch.setattr(blockwise, "_trace_pair", lambda original, pruned: None)
+    lines = []
+    method = get_recovery("lsq_block")
+    method.apply(dataclasses.replace(ctx, log=lines.append))
+    assert lines == ["lsq_block: no block steps (not fx-traceable); least squares alone"]
+    assert method.last_info["lsq"]
+    assert distortion(ctx.original, ctx.pruned, HELD_OUT) < 0.5 * before
 
 
 def test_block_fits_every_block_of_a_cifar_resnet_with_pruned_zero_padded_shortcuts(monkeypatch):
