@@ -25,6 +25,7 @@ from common import REPO, require_shared, run_cifar
 
 from compressor.criteria import get_criterion, list_criteria
 from compressor.recovery.recipe import DEFAULT_RECIPE
+from compressor.sensitivity import PROBE_RATIOS
 
 MODELS = {
     "resnet56": ("resnet56-cifar10-jpeg.pt", 56),
@@ -64,20 +65,30 @@ def key(r: dict) -> tuple:
     return (r["model"], r["budget"], r["calib"], r["criterion"])
 
 
+def settings(criterion: str) -> dict:
+    """What a row's numbers depend on besides its key: the default recipe, and the probe widths of the
+    sensitivity allocation (``NAME@sensitivity``)."""
+    out: dict = {"recipe": RECIPE}
+    if criterion.partition("@")[2] == "sensitivity":
+        out["probe_ratios"] = list(PROBE_RATIOS)
+    return out
+
+
 def load_rows() -> dict[tuple, dict]:
-    """Earlier rows measured with today's default recipe; rows of another recipe are set aside."""
+    """Earlier rows measured with today's settings (later rows replace earlier ones); others are set aside."""
     rows: dict[tuple, dict] = {}
-    skipped = 0
+    stale: set[tuple] = set()
     if JSONL.exists():
         for line in JSONL.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if r.get("recipe") != RECIPE:
-                    skipped += 1
+                if any(r.get(k) != v for k, v in settings(r["criterion"]).items()):
+                    stale.add(key(r))
                     continue
                 rows[key(r)] = r
-    if skipped:
-        print(f"{skipped} row(s) in {JSONL.name} used another recovery recipe than {RECIPE}; measuring again")
+    if stale - rows.keys():
+        print(f"{len(stale - rows.keys())} row(s) in {JSONL.name} were measured with another recovery recipe or "
+              "other probe widths than today's; measuring again")
     return rows
 
 
@@ -93,7 +104,7 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "Score s = wall time of the scoring stage alone. `snpfi@criterion` lets SNPFI set the layer widths "
         "(`--allocation criterion`, its utilization-strength keep ratios scaled to the budget); "
         "`NAME@sensitivity` uses the measured-sensitivity allocation, the pipeline's default with calibration data "
-        "(those rows were re-measured on 2026-11-25 with `--redo`, after the allocation gained its 80% probe).",
+        f"(probe widths {', '.join(map(str, PROBE_RATIOS))}).",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
         "CPU shared with other jobs, so times are indicative only.",
         "",
@@ -151,7 +162,7 @@ def main() -> None:
         for calib in (int(c) for c in args.calib.split(",")):
             for budget in args.budgets.split(","):
                 for crit in args.criteria.split(","):
-                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, "recipe": RECIPE}
+                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, **settings(crit)}
                     if key(row) in rows and not args.redo:
                         continue
                     name, _, allocation = crit.partition("@")  # e.g. snpfi@criterion: the criterion's widths

@@ -167,6 +167,7 @@ def main() -> None:
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(e) + "\n" for e in log))
 
+
 def probe_ratios_arg(text: str) -> tuple[float, ...]:
     """``--probe-ratios``: comma-separated fractions strictly between 0 and 1."""
     try:

@@ -240,16 +240,18 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
         p.requires_grad_(False)
     x_p = x_o = calib
     results = []
-    refit_names = set(_layers_to_fit(pruned, kept, calib[:1], "downstream")) if refit else set()
-    position = {n: i for i, n in enumerate(_exec_order(gm_p.graph))}
-    lsq_gen = torch.Generator().manual_seed(seed)
+    refit_names: set[str] = set()
+    if refit:
+        refit_names = set(_layers_to_fit(pruned, kept, calib[:1], "downstream"))
+        position = {n: i for i, n in enumerate(_exec_order(gm_p.graph))}
+        lsq_gen = torch.Generator().manual_seed(seed)
     try:
         for number, (start, body) in enumerate(blocks):
             if refit_names & {n.target for n in body if n.op == "call_module"}:
                 # shortcuts first, as in lsq, so a layer feeding an addition sees its other operand's error
                 ordered = sorted(body[:-1], key=lambda n: position.get(n, len(position))) + [body[-1]]
-                fits, y_full, _ = refit_segment(traced, start, ordered, _channels_last(x_o), _channels_last(x_p), kept,
-                                                refit_names, lsq_gen)
+                fits, y_full = refit_segment(traced, start, ordered, _channels_last(x_o), _channels_last(x_p), kept,
+                                             refit_names, lsq_gen)
                 y_full = y_full.contiguous()
             else:
                 fits = {}

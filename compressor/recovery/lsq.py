@@ -303,20 +303,20 @@ def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim
     order = _exec_order(gm_p.graph)
     start = next(n for n in order if n.op == "placeholder")
     gen = torch.Generator().manual_seed(seed)
-    infos, _, _ = refit_segment(traced, start, [n for n in order if n is not start], calib, calib, kept, names, gen,
+    infos, _ = refit_segment(traced, start, [n for n in order if n is not start], calib, calib, kept, names, gen,
                                 fit_bias=fit_bias, per_dim=per_dim, lo=lo, hi=hi)
     return infos
 
 
 def refit_segment(traced, start: fx.Node, body: list[fx.Node], x_o: torch.Tensor, x_p: torch.Tensor, kept: dict,
                   names: set[str], gen: torch.Generator, *, fit_bias: bool = True, per_dim: int = 64,
-                  lo: int = 4096, hi: int = 65536) -> tuple[dict[str, dict], object, object]:
+                  lo: int = 4096, hi: int = 65536) -> tuple[dict[str, dict], object]:
     """Lock-step refit of the layers in ``names`` among ``body`` (pruned graph's nodes, in execution order).
 
     ``start`` is the node whose value is ``x_p`` in the pruned graph and ``x_o`` in the original (the
     placeholder for a whole network; a block's input node for a block). Every value the body needs
-    must come from ``start`` or from the body itself. Returns (per-layer diagnostics, the original's
-    and the pruned graph's value of the body's last node).
+    must come from ``start`` or from the body itself. Returns (per-layer diagnostics, the original
+    graph's value of the body's last node).
     """
     gm_o, gm_p = traced
     to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
@@ -343,8 +343,7 @@ def refit_segment(traced, start: fx.Node, body: list[fx.Node], x_o: torch.Tensor
                 if remaining[a] == 0:
                     env_p.pop(a, None)
                     env_o.pop(to_orig[a], None)
-    last = body[-1]
-    return infos, env_o.get(to_orig[last]), env_p.get(last)
+    return infos, env_o.get(to_orig[body[-1]])
 
 
 def _refit_node(gm_o, gm_p, to_orig, node, env_o, env_p, kept, gen, fit_bias, per_dim, lo, hi) -> dict:

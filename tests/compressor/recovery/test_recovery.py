@@ -540,7 +540,7 @@ def test_block_skips_a_model_fx_cannot_trace_and_says_so(monkeypatch):
 @pytest.mark.parametrize("depth", [20, 0])
 def test_lsq_block_without_steps_equals_lsq(monkeypatch, depth):
     """Block by block, each layer's least-squares refit sees the same input, targets and sampled positions as
-    in ``lsq``'s one pass: with no steps the two give the same weights (a CIFAR ResNet with pruned zero-padded
+    in ``lsq``'s one pass: with no steps the two give the same outputs (a CIFAR ResNet with pruned zero-padded
     shortcuts, whose residual targets need the shortcut computed first; and the plain tiny network)."""
     from conftest import load_cifar_resnet, randomize_bn
 
@@ -551,8 +551,9 @@ def test_lsq_block_without_steps_equals_lsq(monkeypatch, depth):
     if depth:
         graph = G.build_graph(randomize_bn(load_cifar_resnet(depth)), torch.randn(1, 3, 32, 32))
         plan = G.random_plan(graph, 0.5, seed=0)
-        ctx = RecoveryContext(original=graph.model, pruned=G.apply_plan(graph, plan).model, groups=graph.groups,
-                              plan=plan, kept=G.apply_plan(graph, plan).kept, calib=images(96, 3))
+        pruned = G.apply_plan(graph, plan)
+        ctx = RecoveryContext(original=graph.model, pruned=pruned.model, groups=graph.groups, plan=plan,
+                              kept=pruned.kept, calib=images(96, 3))
     else:
         ctx = make_case(keep_fraction=0.5)
     alone = dataclasses.replace(ctx, pruned=copy.deepcopy(ctx.pruned))
