@@ -92,6 +92,19 @@ def load_rows() -> dict[tuple, dict]:
     return rows
 
 
+def thread_note(rows: dict[tuple, dict]) -> str:
+    """Torch threads per run: rows written before the count was recorded ran with 1."""
+    by_count: dict[int, list[str]] = {}
+    for r in rows.values():
+        by_count.setdefault(r.get("threads", 1), []).append(r["criterion"])
+    if len(by_count) <= 1:
+        return f"{next(iter(by_count), 1)} torch thread(s) per run"
+    usual = max(by_count, key=lambda c: len(by_count[c]))
+    others = "; ".join(f"{c} for {', '.join(sorted(set(names)))}" for c, names in sorted(by_count.items())
+                       if c != usual)
+    return f"{usual} torch thread(s) per run ({others})"
+
+
 def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
     lines = [
         "# Channel criteria on CIFAR ResNets",
@@ -105,7 +118,7 @@ def write_markdown(rows: dict[tuple, dict], eval_size: int | None) -> None:
         "(`--allocation criterion`, its utilization-strength keep ratios scaled to the budget); "
         "`NAME@sensitivity` uses the measured-sensitivity allocation, the pipeline's default with calibration data "
         f"(probe widths {', '.join(map(str, PROBE_RATIOS))}).",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"Machine: {platform.processor() or platform.machine()}, {thread_note(rows)}, "
         "CPU shared with other jobs, so times are indicative only.",
         "",
     ]
@@ -162,7 +175,8 @@ def main() -> None:
         for calib in (int(c) for c in args.calib.split(",")):
             for budget in args.budgets.split(","):
                 for crit in args.criteria.split(","):
-                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, **settings(crit)}
+                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, **settings(crit),
+                           "threads": args.threads}
                     if key(row) in rows and not args.redo:
                         continue
                     name, _, allocation = crit.partition("@")  # e.g. snpfi@criterion: the criterion's widths

@@ -136,7 +136,10 @@ def test_data_criteria_need_calibration(name):
         get_criterion(name).score(context(calib=None))
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n not in ("random", "dirichlet")])  # both sample in group order
+SAMPLING = ("random", "dirichlet", "snpfi")  # they draw their random numbers in group order
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in SAMPLING])
 def test_member_indices_are_honoured(name):
     """Numbering the residual group backwards reverses its scores (same channels, other order)."""
     plain = get_criterion(name).score(context())
@@ -250,21 +253,70 @@ def test_lrp_matches_an_explicit_relevance_propagation():
     torch.testing.assert_close(got[0]["bn2"].float(), r_s.sum((0, 2, 3)), rtol=1e-3, atol=1e-4)
 
 
-def test_snpfi_sees_duplicated_filters_and_proposes_keep_ratios():
-    base = get_criterion("snpfi")
-    plain_ratios = base.propose_keep_ratios(context())
-    model = tiny_model()
-    with torch.no_grad():  # channel 3 of the inner group duplicates channel 2
-        model.conv1.weight[3] = model.conv1.weight[2]
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(model.bn1, name)[3] = getattr(model.bn1, name)[2]
-    ctx = context(model)
+def _enumerated_shapley(model: nn.Module, group: ChannelGroup, x: torch.Tensor) -> torch.Tensor:
+    """Exact Shapley values of the group's channels in SNPFI's game: worth = mean log P(own prediction)."""
+    import itertools
+    from math import factorial
+
+    from compressor.criteria._common import Taps
+
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    worth = {}
+    with Taps(model, [group]) as taps, torch.no_grad():
+        for bits in itertools.product((0, 1), repeat=group.size):
+            taps.masks[group.id] = torch.tensor(bits, dtype=torch.float32)
+            worth[bits] = float(F.log_softmax(model(x), 1).gather(1, target[:, None]).mean())
+            taps.clear()
+    n = group.size
+    phi = torch.zeros(n, dtype=torch.float64)
+    for bits, v in worth.items():
+        for i in range(n):
+            if not bits[i]:
+                k = sum(bits)
+                joined = tuple(1 if j == i else b for j, b in enumerate(bits))
+                phi[i] += factorial(k) * factorial(n - k - 1) / factorial(n) * (worth[joined] - v)
+    return phi
+
+
+def test_snpfi_estimates_the_shapley_values_of_its_layer_game():
+    model, groups, x = tiny_model(), tiny_groups(), images(32)
     crit = get_criterion("snpfi")
-    s = crit.score(ctx)[1]
+    game = crit._game(context(model, calib=x))
+    for g in groups[:2]:
+        exact = _enumerated_shapley(model, g, x)
+        estimate = game[g.id][0]
+        corr = torch.corrcoef(torch.stack([exact, estimate]))[0, 1]
+        assert corr > 0.95, (g.root, exact, estimate)
+        assert (estimate - exact).abs().max() < 0.3 * exact.abs().max(), (g.root, exact, estimate)
+    s = crit.score(context(model, calib=x))[1]
+    assert int(s.argmax()) == int(_enumerated_shapley(model, groups[1], x).argmax())
+
+
+def test_snpfi_utilization_strength_is_the_order_of_the_interactions():
+    """On games with known Harsanyi dividends: |T|/(|T|+1) for one interaction of order |T|."""
+    from compressor.criteria.snpfi import utilization_strength
+
+    q = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    n = 6
+    additive = n * q  # every player alone: order 1
+    unanimous = q**n  # worth only when all n players are present: order n
+    any_one = 1 - (1 - q) ** n  # worth as soon as one player is present: duplicates
+    assert utilization_strength(q, additive) == pytest.approx(0.5, abs=1e-6)
+    assert utilization_strength(q, unanimous) == pytest.approx(n / (n + 1), abs=1e-6)
+    assert utilization_strength(q, any_one) == pytest.approx(1 / (n + 1), abs=1e-6)
+    assert utilization_strength(q, torch.zeros_like(q)) == 0.0  # a layer that does not help
+
+
+def test_snpfi_proposes_keep_ratios_from_the_utilization_strength():
+    ctx = context(calib=images(32))
+    crit = get_criterion("snpfi")
     ratios = crit.propose_keep_ratios(ctx)
-    assert set(ratios) == {0, 1} and all(0 < r <= 1 for r in ratios.values())
-    assert s[2] < 0.05 * s.max() and s[3] < 0.05 * s.max()  # each is reproduced by its twin
-    assert ratios[1] < plain_ratios[1]
+    game = crit._game(ctx)
+    assert set(ratios) == {0, 1}
+    for g in ctx.prunable_groups():
+        assert ratios[g.id] == pytest.approx(min(1.0, max(1 / g.size, game[g.id][1])))
+    assert 0.3 < ratios[1] < 0.8  # the inner layer's filters contribute mostly alone
 
 
 def test_reconstruction_removes_a_duplicated_channel_first_even_when_its_norm_is_largest():
