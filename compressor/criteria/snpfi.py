@@ -17,31 +17,36 @@ that game, with the following choices of ours:
   with ``--labels``; the other layers stay whole.
 * **Importance = Shapley value**, through Owen's multilinear extension: with ``F(q)`` the
   expected worth of a coalition that holds every player independently with probability ``q``,
-  ``phi_i = integral_0^1 E[V(S + i) - V(S - i)] dq``. We sample ``q`` at the midpoints of
-  STRATA equal strata, one Bernoulli(q) coalition per sampled (image, stratum) pair, with more
-  pairs where ``q`` is small (:func:`stratum_sizes`). A player's marginal contribution to a
-  sampled coalition that contains it is taken to first order, the gradient of ``V`` with respect
-  to the player's 0/1 mask at 1, so one backward pass gives it for all members at once; averaged
-  over the coalitions that contain it, stratum by stratum, that is ``E[V(S + i) - V(S - i)]`` at
-  that ``q`` (on a 4-filter layer of a small network it was within a few percent of the
-  enumerated value).
+  ``phi_i = integral_0^1 dF/dx_i(q) dq``, and ``dF/dx_i(q) = E[V(S + i) - V(S - i)]``. We sample
+  ``q`` at the midpoints of STRATA equal strata, one Bernoulli(q) coalition per (image, stratum)
+  sample, SAMPLES samples over distinct calibration images (spread over the set). A player's
+  marginal contribution to a sampled coalition is taken to first order from one backward pass,
+  for all players at once: the gradient of ``V`` with respect to its mask, at 1 for a member
+  (removing it) and at ABSENT (1e-4, one-sided) for a non-member (adding it).
 * **Utilization strength = order of the interactions.** With the Harsanyi dividends ``I(T)``
-  of the game (``V(S) = sum over T in S of I(T)``), ``F(q) - V({}) = sum_T I(T) q^|T|``, so
-  ``U = 1 - integral_0^1 (F(q) - V({})) / (V(N) - V({})) dq = sum_T I(T) |T|/(|T|+1) / sum_T I(T)``:
-  0.5 when every filter contributes alone (additive game), towards 1 when the decision needs many
-  filters together, below 0.5 when filters duplicate each other (the worth saturates with a few).
-  ``F`` is measured at the strata and at ``q`` = 0 and 1 (trapezoid rule). :meth:`SNPFI.propose_keep_ratios`
-  returns ``U`` (clamped to ``[1/size, 1]``) as the group's keep ratio, which the width search
-  scales by one factor to meet the budget (``--allocation criterion``).
+  of the game (``V(S) = sum over T in S of I(T)``), ``F(q) - V({}) = sum_T I(T) q^|T|``, so the
+  ``F'``-weighted mean density ``U = integral q F'(q) dq / integral F'(q) dq`` equals
+  ``sum_T I(T) |T|/(|T|+1) / sum_T I(T)``: 0.5 when every filter contributes alone (additive
+  game), towards 1 when the decision needs many filters together, below 0.5 when filters
+  duplicate each other (the worth saturates with a few). ``F'(q)`` is the sum of the players'
+  marginal contributions at ``q``, so it comes from the same samples (differences within an image:
+  no image-to-image offset enters). :meth:`SNPFI.propose_keep_ratios` returns ``U`` (clamped to
+  ``[1/size, 1]``) as the group's keep ratio, which the width search scales by one factor to meet
+  the budget (``--allocation criterion``).
 * Channel score: ``phi_i`` (negative values, filters that lower the class probability, are
   ordered below zero-contribution ones).
 
 Recovery by "minimizing the interaction difference" is left to the recovery stage (``lsq`` and
 ``block`` make the pruned network's outputs match the original's).
 
-Cost: per group, one forward-backward pass over SAMPLES (image, coalition) pairs and one
-forward pass over the images with the layer removed; the worth curve is measured on the same
-passes, each coalition's worth taken relative to its image's worth with the whole layer.
+Precision and cost (ResNet-56, two threads): on the 4- and 8-channel layers of a test network the
+estimates are within a few percent of the enumerated Shapley values. On ResNet-56 they are noisy,
+because a filter's contribution varies from image to image: between two disjoint halves of 1,024
+calibration images the per-layer correlation of the scores had a median of 0.41 with 128 samples
+and 0.52 with 256, and the layers' keep ratios a correlation of 0.64 (128 samples). With the same
+images and only the coalitions drawn anew, reading marginal contributions from members only (a
+mask's gradient at exactly 0 is cut by the ReLU) gave a median of 0.21, reading non-members too
+0.74. Scoring costs one forward-backward pass over SAMPLES images per group: about 25 s with 256.
 """
 
 from __future__ import annotations
@@ -55,28 +60,23 @@ from compressor.criteria.base import ScoringContext
 from compressor.groups import Scores
 
 STRATA = 4  # coalition densities q at the midpoints of equal strata of [0, 1]
-SAMPLES = 128  # (image, coalition) pairs per group, over all strata
+# An absent player's mask: not 0, so that the gradient is the one-sided derivative of adding it (at exactly
+# 0 the ReLU after the layer would cut it); its activation, scaled by 1e-4, no longer matters.
+ABSENT = 1e-4
+SAMPLES = 256  # (image, coalition) samples per group, spread over the strata
 
 
-def utilization_strength(q: torch.Tensor, worth: torch.Tensor) -> float:
-    """``1 - normalized area under the worth curve``: the interaction-weighted mean of |T|/(|T|+1).
+def utilization_strength(density: torch.Tensor, slope: torch.Tensor) -> float:
+    """The slope-weighted mean coalition density: the interaction-weighted mean of |T|/(|T|+1).
 
     Args:
-        q: Increasing coalition densities, from 0 to 1.
-        worth: Mean worth ``F(q)`` at each density (``worth[0]`` = empty layer, ``worth[-1]`` = whole).
+        density: Coalition densities ``q`` at the midpoints of equal strata of [0, 1].
+        slope: ``F'(q)`` there: the summed marginal contributions of all players at that density.
     """
-    gain = float(worth[-1] - worth[0])
-    if not gain > 1e-9:
+    gain = float(slope.sum())
+    if not gain > 1e-12:
         return 0.0  # the layer does not help the decision: nothing in it is used
-    curve = (worth - worth[0]) / gain
-    return float(1.0 - torch.trapezoid(curve, q))
-
-
-def stratum_sizes(density: torch.Tensor, total: int) -> torch.Tensor:
-    """Coalitions per stratum, inversely proportional to its density: every player is then a member
-    of about as many sampled coalitions in each stratum (its marginal contribution is read only there)."""
-    weight = 1.0 / density
-    return (weight / weight.sum() * total).round().long().clamp_min(1)
+    return min(1.0, max(0.0, float((slope * density).sum()) / gain))
 
 
 def _log_prob(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -100,55 +100,38 @@ class SNPFI(Criterion):
         model = working_copy(ctx)
         groups = ctx.prunable_groups()
         mids = (torch.arange(STRATA, dtype=torch.float64) + 0.5) / STRATA
-        counts = stratum_sizes(mids, SAMPLES)
-        count = min(len(calib), int(counts.max()))
+        count = min(len(calib), SAMPLES)
         pick = (torch.linspace(0, len(calib) - 1, count).round().long() if count < len(calib)
                 else torch.arange(len(calib)))  # evenly spread: image folders load class by class
         x = calib[pick].to(ctx.device).float()
         labels = ctx.labels[pick].to(ctx.device).long() if ctx.labels is not None else None
         step = max(1, int(ctx.batch_size))
-        stratum = torch.cat([torch.full((int(c),), k) for k, c in enumerate(counts)])
-        image = torch.cat([torch.arange(int(c)) % len(x) for c in counts])
-        density = torch.cat([torch.zeros(1, dtype=torch.float64), mids, torch.ones(1, dtype=torch.float64)])
+        sample = torch.arange(SAMPLES)
+        image = sample % count
+        stratum = (sample + sample // count) % STRATA  # an image drawn again goes to the next stratum
+        per_stratum = torch.bincount(stratum, minlength=STRATA).double()
         out: dict[int, tuple[torch.Tensor, float]] = {}
         with Taps(model, groups) as taps:
             with torch.no_grad():
                 target = torch.cat([targets(logits_of(model(x[i:i + step])).flatten(1), None if labels is None
                                             else labels[i:i + step]) for i in range(0, len(x), step)])
-                whole = torch.cat([_log_prob(model, x[i:i + step], target[i:i + step])
-                                   for i in range(0, len(x), step)]).double().cpu()
                 taps.clear()
             for gid in sorted(taps.tapped_groups):
                 size = next(g.size for g in groups if g.id == gid)
                 gen = torch.Generator().manual_seed(ctx.seed * 100003 + gid)
-                coalitions = (torch.rand(len(image), size, generator=gen, dtype=torch.float64)
-                              < mids[stratum][:, None]).float()
+                members = torch.rand(SAMPLES, size, generator=gen, dtype=torch.float64) < mids[stratum][:, None]
                 contribution = torch.zeros(STRATA, size, dtype=torch.float64)
-                worth = torch.zeros(STRATA, dtype=torch.float64)
-                for i in range(0, len(image), step):
+                for i in range(0, SAMPLES, step):
                     rows = image[i:i + step]
-                    mask = coalitions[i:i + step].to(ctx.device).requires_grad_(True)
+                    mask = torch.where(members[i:i + step], 1.0, ABSENT).float().to(ctx.device).requires_grad_(True)
                     taps.masks[gid] = mask
                     value = _log_prob(model, x[rows], target[rows])
                     (grad,) = torch.autograd.grad(value.sum(), mask)
                     taps.clear()
-                    # a member's marginal contribution, to first order: the gradient of its 0/1 mask at 1
-                    # (at 0 it would be cut by the ReLU after the layer)
-                    members = coalitions[i:i + step].double()
-                    contribution.index_add_(0, stratum[i:i + step], grad.double().cpu() * members)
-                    worth.index_add_(0, stratum[i:i + step], value.detach().double().cpu() - whole[rows])
-                present = torch.zeros(STRATA, size, dtype=torch.float64).index_add_(0, stratum, coalitions.double())
-                per_stratum = contribution / present.clamp_min(1)
-                with torch.no_grad():
-                    taps.masks[gid] = torch.zeros(size, device=ctx.device)
-                    empty = torch.cat([_log_prob(model, x[i:i + step], target[i:i + step])
-                                       for i in range(0, len(x), step)]).double().cpu()
-                    taps.clear()
+                    contribution.index_add_(0, stratum[i:i + step], grad.double().cpu())
                 del taps.masks[gid]
-                base = whole.mean()
-                curve = torch.cat([empty.mean()[None], worth / counts.double() + base, base[None]])
-                phi = (per_stratum * (present > 0)).sum(0) / (present > 0).sum(0).clamp_min(1)
-                out[gid] = (phi, utilization_strength(density, curve))
+                marginal = contribution / per_stratum[:, None]  # E[V(S + i) - V(S - i)] at each density
+                out[gid] = (marginal.mean(0), utilization_strength(mids, marginal.sum(1)))
         return out
 
     def _cached_game(self, ctx: ScoringContext) -> dict[int, tuple[torch.Tensor, float]]:

@@ -297,14 +297,15 @@ def test_snpfi_utilization_strength_is_the_order_of_the_interactions():
     """On games with known Harsanyi dividends: |T|/(|T|+1) for one interaction of order |T|."""
     from compressor.criteria.snpfi import utilization_strength
 
-    q = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    q = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
     n = 6
-    additive = n * q  # every player alone: order 1
-    unanimous = q**n  # worth only when all n players are present: order n
-    any_one = 1 - (1 - q) ** n  # worth as soon as one player is present: duplicates
+    # F'(q), the summed marginal contributions at density q, of three games of n players
+    additive = torch.full_like(q, float(n))  # every player alone: order 1
+    unanimous = n * q ** (n - 1)  # worth only when all n players are present: order n
+    any_one = n * (1 - q) ** (n - 1)  # worth as soon as one player is present: duplicates
     assert utilization_strength(q, additive) == pytest.approx(0.5, abs=1e-6)
-    assert utilization_strength(q, unanimous) == pytest.approx(n / (n + 1), abs=1e-6)
-    assert utilization_strength(q, any_one) == pytest.approx(1 / (n + 1), abs=1e-6)
+    assert utilization_strength(q, unanimous) == pytest.approx(n / (n + 1), abs=1e-5)
+    assert utilization_strength(q, any_one) == pytest.approx(1 / (n + 1), abs=1e-5)
     assert utilization_strength(q, torch.zeros_like(q)) == 0.0  # a layer that does not help
 
 
