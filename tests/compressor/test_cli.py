@@ -7,6 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from compressor.cli import app
+from compressor.criteria import list_criteria
 
 runner = CliRunner()
 
@@ -189,6 +190,26 @@ def test_end_to_end_small_network(workspace):
     # a second run into the same folder is refused without --force and replaces it with --force
     assert invoke(*base_args(workspace, out)).exit_code == 1
     assert invoke(*base_args(workspace, out), "--force").exit_code == 0
+
+
+@pytest.mark.parametrize(("criterion", "allocation"),
+                         [(name, None) for name in list_criteria()] + [("snpfi", "criterion")])
+def test_every_criterion_drives_a_whole_run(workspace, criterion, allocation):
+    import json
+
+    out = workspace / "out"
+    args = [*base_args(workspace, out), "--criterion", criterion, "--no-latency", "--recovery", "lsq"]
+    if allocation:
+        args += ["--allocation", allocation]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["criterion"] == criterion
+    assert report["allocation"] == (allocation or "sensitivity")
+    assert report["flops"]["ratio"] <= 0.50
+    assert report["soundness"]["max_abs_diff"] < 1e-4 and report["export"]["onnx"]["max_abs_diff"] <= 1e-4
+    record = json.loads((out / "pruning.json").read_text())
+    assert any(g["prunable"] and len(g["kept"]) < g["size"] for g in record["groups"])
 
 
 def test_latency_budget_on_cpu_is_met(workspace):
