@@ -58,6 +58,7 @@ from compressor.criteria import Criterion, register
 from compressor.criteria._common import Taps, finalize, logits_of, require_calib, targets, working_copy
 from compressor.criteria.base import ScoringContext
 from compressor.groups import Scores
+from compressor.recovery.common import spread_indices
 
 STRATA = 4  # coalition densities q at the midpoints of equal strata of [0, 1]
 # An absent player's mask: not 0, so that the gradient is the one-sided derivative of adding it (at exactly
@@ -101,8 +102,7 @@ class SNPFI(Criterion):
         groups = ctx.prunable_groups()
         mids = (torch.arange(STRATA, dtype=torch.float64) + 0.5) / STRATA
         count = min(len(calib), SAMPLES)
-        pick = (torch.linspace(0, len(calib) - 1, count).round().long() if count < len(calib)
-                else torch.arange(len(calib)))  # evenly spread: image folders load class by class
+        pick = spread_indices(len(calib), count)
         x = calib[pick].to(ctx.device).float()
         labels = ctx.labels[pick].to(ctx.device).long() if ctx.labels is not None else None
         step = max(1, int(ctx.batch_size))
@@ -135,12 +135,12 @@ class SNPFI(Criterion):
         return out
 
     def _cached_game(self, ctx: ScoringContext) -> dict[int, tuple[torch.Tensor, float]]:
-        key = (id(ctx), id(ctx.model), id(ctx.calib))
+        """The game of ``ctx``, played once for both ``score`` and ``propose_keep_ratios``."""
         cached = getattr(self, "_cache", None)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] is ctx:
             return cached[1]
         game = self._game(ctx)
-        self._cache = (key, game)
+        self._cache = (ctx, game)
         return game
 
     def score(self, ctx: ScoringContext) -> Scores:

@@ -39,7 +39,14 @@ def spread(images: torch.Tensor, count: int) -> torch.Tensor:
     """
     if count >= len(images):
         return images
-    return images[torch.linspace(0, len(images) - 1, max(1, count)).round().long()]
+    return images[spread_indices(len(images), count)]
+
+
+def spread_indices(total: int, count: int) -> torch.Tensor:
+    """Indices of ``count`` of ``total`` items evenly spaced from first to last (all when there are no more)."""
+    if count >= total:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, max(1, count)).round().long()
 
 
 def module_or_none(model: nn.Module, name: str) -> nn.Module | None:

@@ -304,7 +304,7 @@ def _refit_fx(original, pruned, kept, calib, names, traced, *, fit_bias, per_dim
     start = next(n for n in order if n.op == "placeholder")
     gen = torch.Generator().manual_seed(seed)
     infos, _ = refit_segment(traced, start, [n for n in order if n is not start], calib, calib, kept, names, gen,
-                                fit_bias=fit_bias, per_dim=per_dim, lo=lo, hi=hi)
+                             fit_bias=fit_bias, per_dim=per_dim, lo=lo, hi=hi)
     return infos
 
 
