@@ -239,10 +239,27 @@ def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, x: torch.Tensor):
             obj = getattr(obj, part)
         return obj
     if node.op == "call_function":
+        if node.target is F.layer_norm:
+            args, kwargs = _layer_norm_shape_of_weight(args, kwargs)
         return node.target(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _layer_norm_shape_of_weight(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``F.layer_norm`` arguments with ``normalized_shape`` taken from the weight's shape.
+
+    A trace bakes ``normalized_shape`` in as a constant (ConvNeXt's ``LayerNorm2d`` passes
+    ``self.normalized_shape``), so a trace of the original run on a pruned model would still
+    normalize over the original channel count.
+    """
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    if not isinstance(weight, torch.Tensor):
+        return args, kwargs
+    if len(args) > 1:
+        return (args[0], tuple(weight.shape), *args[2:]), kwargs
+    return args, {**kwargs, "normalized_shape": tuple(weight.shape)}
 
 
 def _residual_partner(node: fx.Node, gm: fx.GraphModule):

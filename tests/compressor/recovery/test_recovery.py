@@ -389,14 +389,33 @@ class TinyResidual(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def test_probe_equals_running_the_pruned_model():
+class TinyChannelsLayerNorm(nn.Module):
+    """ConvNeXt's pattern: torchvision's LayerNorm2d, whose traced forward passes ``normalized_shape``
+    to ``F.layer_norm`` as a constant of the trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.convnext import LayerNorm2d
+
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = LayerNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.conv2(F.gelu(self.norm(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("arch", [TinyResidual, TinyChannelsLayerNorm])
+def test_probe_equals_running_the_pruned_model(arch):
     """A probe re-runs only what the pruning changed, from cached activations it drops after their last
     reader: its distortion must equal that of the whole pruned model on the probe images, every time."""
     from compressor import graph as graph_mod
     from compressor import sensitivity
 
     torch.manual_seed(0)
-    model = TinyResidual().eval()
+    model = arch().eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
