@@ -6,6 +6,11 @@ channels x kernel area / groups, +1 for the bias), ``B = X^T Y``: it shrinks tow
 weights. ``lam`` is picked per layer from a few multiples of ``trace(G)/D`` on held-out positions,
 and the old weights are kept when no solve beats them there. Grouped and depthwise convolutions
 are solved per group.
+
+When a layer has more unknowns than sampled positions (a linear layer after a flatten, e.g. VGG's
+25,088 inputs fitted on one vector per image), the same ridge is solved in its dual form,
+``W = W_old + X^T (X X^T + lam I)^-1 (Y - X W_old)``: an S x S system instead of a D x D Gram
+matrix (5 GB in float64 for D = 25,089, which ran a 24 GB machine out of memory).
 """
 
 from __future__ import annotations
@@ -86,6 +91,8 @@ def _solve(
     ``alpha``, no held-out check. ``relu``: see :func:`_relu_rounds`. Returns the new
     (g x D x C) weights (or None) and diagnostics.
     """
+    if x.shape[1] < x.shape[-1]:
+        return _solve_dual(x, y, w_old, fast, relu)
     w_old = w_old.double()
     dim = x.shape[-1]
 
@@ -96,7 +103,7 @@ def _solve(
     hold[::HOLDOUT_EVERY] = True
     if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
         g, b = gram(x, y)
-        return _relu_rounds(x, y, b, _ridge_solver(g, 1e-2, w_old), relu), {"alpha": 1e-2}
+        return _relu_rounds(x, y, _primal_fit(x, _ridge_solver(g, 1e-2, w_old), b), relu), {"alpha": 1e-2}
     g_t, b_t = gram(x[:, ~hold], y[:, ~hold])
     g_h, b_h = gram(x[:, hold], y[:, hold])
     energy = float((y[:, hold].double() ** 2).sum())
@@ -126,7 +133,67 @@ def _solve(
     if best_alpha is None:
         return None, info
     info["alpha"] = best_alpha
-    return _relu_rounds(x, y, b_t + b_h, _ridge_solver(g_t + g_h, best_alpha, w_old), relu), info
+    return _relu_rounds(x, y, _primal_fit(x, _ridge_solver(g_t + g_h, best_alpha, w_old), b_t + b_h), relu), info
+
+
+def _primal_fit(x: torch.Tensor, solver, b: torch.Tensor):
+    """``target -> W`` for the Gram-form solver; ``b`` is ``X^T y``, already computed for the first solve."""
+
+    def fit(target: torch.Tensor | None) -> torch.Tensor:
+        return solver(b if target is None else (x.transpose(1, 2) @ target).double())
+
+    return fit
+
+
+def _dual_fit(x: torch.Tensor, w_old: torch.Tensor, alpha: float, y: torch.Tensor):
+    """``target -> W``: the ridge toward ``w_old`` in dual form, ``W_old + X^T (K + lam I)^-1 (T - X W_old)``,
+    ``K = X X^T`` (g x S x S); ``lam`` is the primal's ``alpha * trace(G) / D`` (``trace(G) == trace(K)``)."""
+    k = x @ x.transpose(1, 2)
+    lam = (alpha * torch.diagonal(k, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / x.shape[-1]).view(-1, 1, 1)
+    lhs = k + lam * torch.eye(k.shape[-1], dtype=k.dtype)
+    chol, failed = torch.linalg.cholesky_ex(lhs)
+    base = x @ w_old
+
+    def fit(target: torch.Tensor | None) -> torch.Tensor:
+        r = (y if target is None else target).double() - base
+        a = torch.linalg.solve(lhs, r) if bool((failed != 0).any()) else torch.cholesky_solve(r, chol)
+        return w_old + x.transpose(1, 2) @ a
+
+    return fit
+
+
+def _solve_dual(x, y, w_old, fast, relu) -> tuple[torch.Tensor | None, dict]:
+    """:func:`_solve` for fewer sampled positions than unknowns (S < D): the same ridge and held-out choice
+    of ``alpha``, through the S x S kernel matrix instead of the D x D Gram matrix."""
+    x, y, w_old = x.double(), y.double(), w_old.double()
+    hold = torch.zeros(x.shape[1], dtype=torch.bool)
+    hold[::HOLDOUT_EVERY] = True
+    if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
+        return _relu_rounds(x, y, _dual_fit(x, w_old, 1e-2, y), relu), {"alpha": 1e-2, "dual": True}
+    x_t, y_t, x_h, y_h = x[:, ~hold], y[:, ~hold], x[:, hold], y[:, hold]
+    energy = float((y_h**2).sum())
+
+    def err(w):
+        return float(((x_h @ w - y_h) ** 2).sum())
+
+    base = err(w_old)
+    k = x_t @ x_t.transpose(1, 2)
+    evals, evecs = torch.linalg.eigh(k)  # one decomposition serves every alpha
+    evals = evals.clamp_min(0).unsqueeze(-1)
+    resid = evecs.transpose(1, 2) @ (y_t - x_t @ w_old)
+    trace = torch.diagonal(k, dim1=1, dim2=2).sum(-1).clamp_min(1e-12).view(-1, 1, 1)
+    best_alpha, best = None, base
+    for alpha in ALPHAS:
+        w = w_old + x_t.transpose(1, 2) @ (evecs @ (resid / (evals + alpha * trace / x.shape[-1])))
+        e = err(w)
+        if e == e and e < best:
+            best_alpha, best = alpha, e
+    holds = max(1, int(hold.sum()))
+    info = {"err_before": base / holds, "err_after": best / holds, "energy": energy / holds, "dual": True}
+    if best_alpha is None:
+        return None, info
+    info["alpha"] = best_alpha
+    return _relu_rounds(x, y, _dual_fit(x, w_old, best_alpha, y), relu), info
 
 
 # Two rounds: against five, the same accuracy within 0.1 point after the default recipe (ResNet-56,
@@ -134,22 +201,23 @@ def _solve(
 RELU_ROUNDS = 2
 
 
-def _relu_rounds(x, y, b, solver, relu):
-    """The ridge solution ``solver(b)``, refined ReLU-aware when ``relu`` is given (same Gram and ridge).
+def _relu_rounds(x, y, fit, relu):
+    """The ridge solution ``fit(None)`` (for the target ``y``), refined ReLU-aware when ``relu`` is given:
+    ``fit(target)`` re-solves with the same factorization and ridge.
 
     ``relu``: ``(theta, sign, free)`` shaped like ``y`` (g x S x C) and (g x 1 x C): at ``free``
     positions the original's ReLU is off, and any prediction with ``sign * (pred - theta) <= 0``
     is as good as the target. Alternates between projecting the predictions there and re-solving.
     """
-    w = solver(b)
+    w = fit(None)
     if relu is None or not bool(relu[2].any()):
         return w
     theta, sign, free = relu
     for _ in range(RELU_ROUNDS):
         pred = x @ w.to(x.dtype)
         over = sign * (pred - theta) > 0  # on the wrong side of the ReLU's threshold
-        target = torch.where(free, torch.where(over, theta, pred), y)
-        w = solver((x.transpose(1, 2) @ target).double())
+        target = torch.where(free, torch.where(over, theta.to(pred), pred), y.to(pred))
+        w = fit(target)
     return w
 
 

@@ -17,21 +17,53 @@ def _reference_relu_solve(x, y, w_old, alpha, relu):
     w = torch.linalg.solve(lhs, (x.transpose(1, 2) @ y).double() + lam * w_old)
     theta, sign, free = relu
     for _ in range(lsq_solve.RELU_ROUNDS):
-        pred = x @ w.float()
+        pred = x @ w.to(x.dtype)
         target = torch.where(free, torch.where(sign * (pred - theta) > 0, theta, pred), y)
         w = torch.linalg.solve(lhs, (x.transpose(1, 2) @ target).double() + lam * w_old)
     return w
 
 
-def test_relu_aware_solve_matches_plain_solves():
+@pytest.mark.parametrize("samples", [600, 30])  # 30 < 40 unknowns: the dual (kernel) form
+def test_relu_aware_solve_matches_plain_solves(samples):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 600, 40, generator=gen)
-    y = x @ torch.randn(2, 40, 6, generator=gen) + 0.1 * torch.randn(2, 600, 6, generator=gen)
+    x = torch.randn(2, samples, 40, generator=gen)
+    y = x @ torch.randn(2, 40, 6, generator=gen) + 0.1 * torch.randn(2, samples, 6, generator=gen)
     w_old = torch.randn(2, 40, 6, generator=gen).double()
-    relu = (torch.zeros(2, 600, 6), torch.ones(2, 1, 6), torch.rand(2, 600, 6, generator=gen) < 0.3)
+    relu = (torch.zeros(2, samples, 6), torch.ones(2, 1, 6), torch.rand(2, samples, 6, generator=gen) < 0.3)
     w, info = lsq_solve._solve(x, y, w_old, fast=True, relu=relu)
+    assert info.get("dual", False) == (samples < 40)
+    if samples < 40:  # the dual form works in float64 throughout; so does its reference
+        x, y, relu = x.double(), y.double(), (relu[0].double(), relu[1].double(), relu[2])
     expected = _reference_relu_solve(x, y, w_old, info["alpha"], relu)
     assert torch.allclose(w, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dual_form_picks_the_ridge_the_gram_form_would_and_fits_better_than_the_old_weights():
+    """Fewer positions than unknowns: every candidate ridge solved in dual form equals the Gram-form solve
+    on the training positions, so the held-out choice is the same; the result beats the old weights there."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 50, 120, generator=gen)
+    w_true = torch.randn(1, 120, 4, generator=gen)
+    y = x @ w_true
+    w_old = (w_true + 0.5 * torch.randn(1, 120, 4, generator=gen)).double()
+    w, info = lsq_solve._solve(x, y, w_old)
+    assert info["dual"] and w is not None
+    hold = torch.zeros(50, dtype=torch.bool)
+    hold[::lsq_solve.HOLDOUT_EVERY] = True
+    xt, yt, xh, yh = x[:, ~hold].double(), y[:, ~hold].double(), x[:, hold].double(), y[:, hold].double()
+    g = xt.transpose(1, 2) @ xt
+    errs = {}
+    for alpha in lsq_solve.ALPHAS:
+        lam = lsq_solve._ridge(g, alpha)
+        wa = torch.linalg.solve(g + lam * torch.eye(120, dtype=g.dtype), xt.transpose(1, 2) @ yt + lam * w_old)
+        errs[alpha] = float(((xh @ wa - yh) ** 2).sum())
+    assert info["alpha"] == min(errs, key=errs.get)
+    assert info["err_after"] < info["err_before"]
+    lam = lsq_solve._ridge(g + xh.transpose(1, 2) @ xh, info["alpha"])
+    gram = x.double().transpose(1, 2) @ x.double()
+    expected = torch.linalg.solve(gram + lam * torch.eye(120, dtype=gram.dtype), x.double().transpose(1, 2) @ y.double()
+                                  + lam * w_old)
+    assert torch.allclose(w, expected, rtol=1e-6, atol=1e-8)
 
 
 def test_ridge_solver_falls_back_when_the_factorization_fails():
