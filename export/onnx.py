@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,6 +43,34 @@ def _quiet():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _native_output_discarded():
+    """Discard what native code writes to file descriptors 1 and 2: when the TorchScript exporter fails,
+    its C++ side prints the whole graph (hundreds of lines), although the fallback then succeeds."""
+    try:
+        fds = [sys.__stdout__.fileno(), sys.__stderr__.fileno()]
+    except (AttributeError, OSError, ValueError):  # no real stdout / stderr (embedded interpreters)
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    try:
+        with tempfile.TemporaryFile() as sink:
+            for fd in fds:
+                os.dup2(sink.fileno(), fd)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for fd, copy in zip(fds, saved, strict=True):
+                    os.dup2(copy, fd)
+    finally:
+        for copy in saved:
+            os.close(copy)
+
+
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int = 17) -> Path:
     """Export ``model`` (eval mode, on CPU) to ``path`` with input ``input``/output ``output`` and a dynamic batch.
 
@@ -58,7 +89,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         example = torch.cat([example, example], 0)
     errors = []
     try:
-        with _quiet(), torch.no_grad():
+        with _quiet(), _native_output_discarded(), torch.no_grad():
             torch.onnx.export(
                 model, (example,), str(path), opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
