@@ -222,6 +222,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
                 calib=calib.images if calib is not None else None, log=stages.note,
             )
             recovery_info = run_recipe(list(recipe), rctx)
+            if recovery_info.get("reverted"):
+                stages.note("recovery left the held-out calibration images further from the original: undone")
     recovered = pruned.model.eval()
     with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
         export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,

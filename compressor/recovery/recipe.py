@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -52,6 +53,9 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
     HOLDOUT_MIN_CALIB) are held out of the methods and used to report the pruned model's
     top-1 agreement with the original and the KL divergence, before and after.
 
+    When the held-out images end further from the original (KL divergence) than before the recipe,
+    the recipe is undone: ``ctx.pruned`` gets its weights from before, and ``"reverted": True``.
+
     Returns {"recipe": names, "steps": [{"name", "seconds"}], "seconds": total,
     "fidelity": {"before": {...}, "after": {...}, "images": n, "held_out": bool}} (fidelity
     only when measured).
@@ -78,6 +82,7 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
             probe = ctx.calib
     result: dict = {"recipe": names, "steps": []}
     before = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device) if probe is not None else None
+    backup = copy.deepcopy(ctx.pruned) if held_out else None
     start = time.perf_counter()
     for method in methods:
         t0 = time.perf_counter()
@@ -88,4 +93,20 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
     if probe is not None:
         after = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device)
         result["fidelity"] = {"before": before, "after": after, "images": len(probe), "held_out": held_out}
+        if backup is not None and not after["kl"] <= before["kl"]:
+            # each method accepts its own changes on held-out data, layer by layer or block by block; should the
+            # whole recipe still leave the held-out images further from the original, it is undone
+            _restore(ctx.pruned, backup)
+            result["reverted"] = True
+            result["fidelity"]["after"] = before
     return result
+
+
+def _restore(model: torch.nn.Module, backup: torch.nn.Module) -> None:
+    """Give ``model`` (in place: callers hold it) the parameters and buffers of ``backup``, its copy from before.
+
+    Whole parameter tables are swapped because a method may have added parameters (``lsq`` adds biases).
+    """
+    for module, saved in zip(model.modules(), backup.modules(), strict=True):
+        module._parameters = saved._parameters
+        module._buffers = saved._buffers

@@ -239,6 +239,35 @@ def test_recipe_reports_steps_and_fidelity():
     assert "fidelity" not in free and free["steps"][0]["name"] == "datafree"
 
 
+def test_recipe_that_leaves_held_out_images_further_from_the_original_is_undone(monkeypatch):
+    from compressor.recovery import recipe as recipe_mod
+    from compressor.recovery.base import RecoveryMethod
+
+    class Harmful(RecoveryMethod):
+        name = "harmful"
+
+        def apply(self, ctx):
+            with torch.no_grad():
+                for m in ctx.pruned.modules():
+                    if isinstance(m, nn.Conv2d):
+                        m.weight.mul_(-1.0)
+                        m.bias = nn.Parameter(torch.ones(m.out_channels))  # a parameter the model did not have
+
+    ctx = make_case(calib_n=512)
+    x = ctx.calib[:8]
+    with torch.no_grad():
+        expected = ctx.pruned(x)
+    had_bias = [m.bias is not None for m in ctx.pruned.modules() if isinstance(m, nn.Conv2d)]
+    monkeypatch.setattr(recipe_mod, "get_recovery", lambda n: Harmful() if n == "harmful" else get_recovery(n))
+    info = run_recipe(["harmful"], ctx)
+    assert info["reverted"] and info["fidelity"]["after"] == info["fidelity"]["before"]
+    with torch.no_grad():
+        assert torch.equal(ctx.pruned(x), expected)
+    assert [m.bias is not None for m in ctx.pruned.modules() if isinstance(m, nn.Conv2d)] == had_bias
+    helpful = run_recipe(list(DEFAULT_RECIPE), make_case(calib_n=512))
+    assert "reverted" not in helpful
+
+
 def test_recipe_rejects_unknown_names():
     with pytest.raises(CompressorError, match="unknown recovery method"):
         run_recipe(["nope"], make_case())
