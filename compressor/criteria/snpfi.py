@@ -100,6 +100,7 @@ class SNPFI(Criterion):
         calib = require_calib(ctx, self.name)
         model = working_copy(ctx)
         groups = ctx.prunable_groups()
+        sizes = {g.id: g.size for g in groups}
         mids = (torch.arange(STRATA, dtype=torch.float64) + 0.5) / STRATA
         count = min(len(calib), SAMPLES)
         pick = spread_indices(len(calib), count)
@@ -117,7 +118,7 @@ class SNPFI(Criterion):
                                             else labels[i:i + step]) for i in range(0, len(x), step)])
                 taps.clear()
             for gid in sorted(taps.tapped_groups):
-                size = next(g.size for g in groups if g.id == gid)
+                size = sizes[gid]
                 gen = torch.Generator().manual_seed(ctx.seed * 100003 + gid)
                 members = torch.rand(SAMPLES, size, generator=gen, dtype=torch.float64) < mids[stratum][:, None]
                 contribution = torch.zeros(STRATA, size, dtype=torch.float64)

@@ -62,9 +62,20 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor, n: torch.Tensor, hw: torch.Te
     return patches.reshape(s, conv.groups, (cin // conv.groups) * k)
 
 
-def _ridge(g: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-group ridge ``alpha * trace(G) / D`` (g x 1 x 1) for Gram matrices ``g`` (g x D x D)."""
-    return (alpha * torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / g.shape[-1]).view(-1, 1, 1)
+def _ridge(g: torch.Tensor, alpha: float, dim: int | None = None) -> torch.Tensor:
+    """Per-group ridge ``alpha * trace(G) / D`` (g x 1 x 1) for Gram matrices ``g`` (g x D x D).
+
+    ``dim``: the number of unknowns D when ``g`` is the kernel matrix ``X X^T`` (same trace, S x S).
+    """
+    trace = torch.diagonal(g, dim1=1, dim2=2).sum(-1).clamp_min(1e-12)
+    return (alpha * trace / (dim or g.shape[-1])).view(-1, 1, 1)
+
+
+def _holdout(samples: int) -> torch.Tensor:
+    """Mask of the positions held out to choose the ridge and accept the solve: every HOLDOUT_EVERY-th."""
+    hold = torch.zeros(samples, dtype=torch.bool)
+    hold[::HOLDOUT_EVERY] = True
+    return hold
 
 
 def _ridge_solver(g: torch.Tensor, alpha: float, w_old: torch.Tensor):
@@ -99,8 +110,7 @@ def _solve(
     def gram(xs, ys):
         return (xs.transpose(1, 2) @ xs).double(), (xs.transpose(1, 2) @ ys).double()
 
-    hold = torch.zeros(x.shape[1], dtype=torch.bool)
-    hold[::HOLDOUT_EVERY] = True
+    hold = _holdout(x.shape[1])
     if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
         g, b = gram(x, y)
         return _relu_rounds(x, y, _primal_fit(x, _ridge_solver(g, 1e-2, w_old), b), relu), {"alpha": 1e-2}
@@ -149,7 +159,7 @@ def _dual_fit(x: torch.Tensor, w_old: torch.Tensor, alpha: float, y: torch.Tenso
     """``target -> W``: the ridge toward ``w_old`` in dual form, ``W_old + X^T (K + lam I)^-1 (T - X W_old)``,
     ``K = X X^T`` (g x S x S); ``lam`` is the primal's ``alpha * trace(G) / D`` (``trace(G) == trace(K)``)."""
     k = x @ x.transpose(1, 2)
-    lam = (alpha * torch.diagonal(k, dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / x.shape[-1]).view(-1, 1, 1)
+    lam = _ridge(k, alpha, x.shape[-1])
     lhs = k + lam * torch.eye(k.shape[-1], dtype=k.dtype)
     chol, failed = torch.linalg.cholesky_ex(lhs)
     base = x @ w_old
@@ -166,8 +176,7 @@ def _solve_dual(x, y, w_old, fast, relu) -> tuple[torch.Tensor | None, dict]:
     """:func:`_solve` for fewer sampled positions than unknowns (S < D): the same ridge and held-out choice
     of ``alpha``, through the S x S kernel matrix instead of the D x D Gram matrix."""
     x, y, w_old = x.double(), y.double(), w_old.double()
-    hold = torch.zeros(x.shape[1], dtype=torch.bool)
-    hold[::HOLDOUT_EVERY] = True
+    hold = _holdout(x.shape[1])
     if fast or int(hold.sum()) < 1 or int((~hold).sum()) < 2:
         return _relu_rounds(x, y, _dual_fit(x, w_old, 1e-2, y), relu), {"alpha": 1e-2, "dual": True}
     x_t, y_t, x_h, y_h = x[:, ~hold], y[:, ~hold], x[:, hold], y[:, hold]
@@ -181,10 +190,9 @@ def _solve_dual(x, y, w_old, fast, relu) -> tuple[torch.Tensor | None, dict]:
     evals, evecs = torch.linalg.eigh(k)  # one decomposition serves every alpha
     evals = evals.clamp_min(0).unsqueeze(-1)
     resid = evecs.transpose(1, 2) @ (y_t - x_t @ w_old)
-    trace = torch.diagonal(k, dim1=1, dim2=2).sum(-1).clamp_min(1e-12).view(-1, 1, 1)
     best_alpha, best = None, base
     for alpha in ALPHAS:
-        w = w_old + x_t.transpose(1, 2) @ (evecs @ (resid / (evals + alpha * trace / x.shape[-1])))
+        w = w_old + x_t.transpose(1, 2) @ (evecs @ (resid / (evals + _ridge(k, alpha, x.shape[-1]))))
         e = err(w)
         if e == e and e < best:
             best_alpha, best = alpha, e
