@@ -8,6 +8,8 @@ and peak memory (the issue's goal: the whole run within 60 s on a 2-core machine
 
 Writes bench/results/whole_run.md. Run: python bench/whole_run.py [--budgets 50,40] [--seeds 0,1,2]
 The faster recipe's table: python bench/whole_run.py --recovery lsq --append
+The other checkpoints of ../shared/models: --weights resnet20-cifar10-png.th (its depth is read from the
+name and passed as ``cifar_resnet.py:CifarResNet(depth=20)``, as a user would).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -28,10 +31,23 @@ from compressor.recovery.recipe import DEFAULT_RECIPE
 STAGES = ("evaluate", "score", "search", "recover", "export", "latency")
 
 
-def run_once(budget: int, seed: int, out: Path, recovery: str | None = None) -> tuple[dict, float, float]:
+DEFAULT_WEIGHTS = "resnet56-cifar10-jpeg.pt"
+
+
+def model_spec(weights: str) -> str:
+    """``cifar_resnet.py:CifarResNet`` for the depth in the checkpoint's name (the class's default: 56)."""
+    found = re.match(r"resnet(\d+)-", weights)
+    if found is None:
+        raise SystemExit(f"cannot read a depth from {weights!r}; pass one of ../shared/models/resnet*-*.pt[h]")
+    depth = int(found[1])
+    return f"{MODELS / 'cifar_resnet.py'}:CifarResNet" + ("" if depth == 56 else f"(depth={depth})")
+
+
+def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
+             weights: str = DEFAULT_WEIGHTS) -> tuple[dict, float, float]:
     """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process."""
     cmd = [
-        "compress", f"{MODELS / 'cifar_resnet.py'}:CifarResNet", "--weights", str(MODELS / "resnet56-cifar10-jpeg.pt"),
+        "compress", model_spec(weights), "--weights", str(MODELS / weights),
         "--budget", f"{budget}%flops", "--calib", str(TRAIN), "--eval", str(VAL),
         "--mean", ",".join(map(str, CIFAR_MEAN)), "--std", ",".join(map(str, CIFAR_STD)),
         "--device", "cpu", "--seed", str(seed), "--out", str(out), "--force", "--quiet",
@@ -55,13 +71,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "whole_run.md"))
     parser.add_argument("--recovery", default=None, help="recovery recipe passed to compress (default: its own)")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint in ../shared/models")
     args = parser.parse_args()
     require_shared()
     rows, walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in (int(b) for b in args.budgets.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
-                report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery)
+                report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery,
+                                                   args.weights)
                 acc, lat, t = report["accuracy"], report["latency"], report["timings_s"]
                 walls.append(wall)
                 rows.append([
@@ -74,15 +92,16 @@ def main() -> None:
     header = ["budget", "seed", "top-1 (original -> pruned)", "FLOPs kept", "params kept", "ORT batch-1 p50 ms",
               "stages s: " + " / ".join(STAGES), "process wall s", "peak GB"]
     extra = f" --recovery {args.recovery}" if args.recovery else ""
+    shown_model = model_spec(args.weights).replace(str(MODELS), "../shared/models")
     notes = [
-        "The README's reference command (`compress ../shared/models/cifar_resnet.py:CifarResNet --weights "
-        f"resnet56-cifar10-jpeg.pt --budget B --calib train.tar.gz --eval val.tar.gz ... --device cpu{extra}`), "
+        f"The README's reference command, as a user runs it (`compress '{shown_model}' "
+        f"--weights {args.weights} --budget B --calib train.tar.gz --eval val.tar.gz ... --device cpu{extra}`), "
         "defaults otherwise (criterion `reconstruction`, sensitivity allocation"
         + ("" if args.recovery else f", recovery `{','.join(DEFAULT_RECIPE)}`") + "), one process per row.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; its speed varies by 10-40% over a day, so read the "
         f"spread. Process wall time {min(walls):.1f}-{max(walls):.1f} s over {len(walls)} runs (goal: 60 s).",
     ]
-    title = "ResNet-56: whole `compress` runs" + (f",{extra}" if extra else "")
+    title = f"{args.weights}: whole `compress` runs" + (f",{extra}" if extra else "")
     write_table(Path(args.out), title, header, rows, notes, append=args.append)
 
 

@@ -71,7 +71,8 @@ def _criterion_default() -> str:
 @app.command("compress")
 def compress_command(
     model: str = typer.Argument(..., metavar="MODEL", help="torchvision:NAME, path/file.py:CALLABLE, or model.pt "
-                                "(pickled nn.Module; needs --trust-pickle)."),
+                                "(pickled nn.Module; needs --trust-pickle). NAME and CALLABLE take literal "
+                                "arguments, quoted for the shell: 'file.py:Net(depth=20)'."),
     budget: str = typer.Option(..., "--budget", "-b", help=BUDGET_HELP),
     out: Path = typer.Option(Path("runs/compressed"), "--out", "-o", help="Output folder (written atomically)."),
     weights: Path | None = typer.Option(None, help="state_dict for MODEL (loaded with weights_only=True; "
@@ -146,7 +147,8 @@ def compress_command(
         return
     for line in report.summary_lines():
         typer.echo(line)
-    typer.echo(f"wrote {out}/ (report.json, report.md, model.onnx, model.pt2, pruning.json)")
+    written = sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.endswith(".png"))
+    typer.echo(f"wrote {out}/ ({', '.join(written)})")
 
 
 @app.command("demo")

@@ -19,7 +19,8 @@ class CompressConfig:
     """Everything ``pipeline.run`` needs.
 
     Attributes:
-        model: ``torchvision:NAME``, ``file.py:CALLABLE`` or a pickled ``model.pt``.
+        model: ``torchvision:NAME``, ``file.py:CALLABLE`` (either optionally with literal arguments,
+            e.g. ``file.py:Net(depth=20)``) or a pickled ``model.pt``.
         budget: Budget text (``50%flops``, ``3ms``, ``2x``); see ``budget.parse_budget``.
         out: Output folder (written atomically).
         weights: Optional state_dict file.

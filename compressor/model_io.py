@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -18,19 +20,21 @@ def load_model(spec: str, weights: Path | None = None, trust_pickle: bool = Fals
 
     Args:
         spec: ``torchvision:NAME`` (random init unless ``weights``), ``path/file.py:CALLABLE``
-            (a class or factory called with no arguments), or ``model.pt`` (a whole pickled
-            ``nn.Module`` / ``torch.fx.GraphModule``, only with ``trust_pickle``).
+            (a class or factory), or ``model.pt`` (a whole pickled ``nn.Module`` /
+            ``torch.fx.GraphModule``, only with ``trust_pickle``). NAME and CALLABLE take
+            literal arguments, e.g. ``cifar_resnet.py:CifarResNet(depth=20)`` or
+            ``torchvision:resnet18(num_classes=10)``; without them they are called with none.
         weights: Optional state_dict file, loaded with ``weights_only=True``.
         trust_pickle: Allow unpickling a whole model (runs code from the file).
 
     Raises:
         CompressorError: one line saying what is wrong and what to do.
     """
+    python_file = _PYTHON_FILE.match(spec)
     if spec.startswith("torchvision:"):
-        model = _from_torchvision(spec.split(":", 1)[1])
-    elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
-        path, name = spec.rsplit(":", 1)
-        model = _from_python_file(Path(path), name)
+        model = _from_torchvision(*parse_call(spec.split(":", 1)[1], spec))
+    elif python_file:
+        model = _from_python_file(Path(python_file["path"]), *parse_call(python_file["call"], spec))
     elif spec.endswith(".py"):
         raise CompressorError(f"model {spec!r} names a Python file but no callable; write it as {spec}:ClassName")
     else:
@@ -42,19 +46,61 @@ def load_model(spec: str, weights: Path | None = None, trust_pickle: bool = Fals
     return model
 
 
-def _from_torchvision(name: str) -> nn.Module:
+_PYTHON_FILE = re.compile(r"^(?P<path>.*?\.py):(?P<call>.+)$", re.DOTALL)
+
+
+def parse_call(text: str, spec: str) -> tuple[str, tuple, dict]:
+    """``NAME`` or ``NAME(literal, key=literal, ...)`` -> (name, args, kwargs).
+
+    Arguments are read with ``ast.literal_eval`` (numbers, strings, booleans, None, tuples, lists,
+    dicts): nothing in them is executed.
+
+    Raises:
+        CompressorError: ``text`` is not a name, optionally called with literal arguments.
+    """
+    hint = "write NAME or NAME(key=value, ...) with literal values, e.g. CifarResNet(depth=20)"
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise CompressorError(f"model {spec!r}: cannot read {text!r}; {hint}") from None
+    if isinstance(tree, ast.Name):
+        return tree.id, (), {}
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
+        raise CompressorError(f"model {spec!r}: {text!r} is not a name or a call of one; {hint}")
+    try:
+        args = tuple(ast.literal_eval(a) for a in tree.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords if k.arg is not None}
+    except ValueError:
+        raise CompressorError(f"model {spec!r}: its arguments must be Python literals; {hint}") from None
+    if len(kwargs) != len(tree.keywords):
+        raise CompressorError(f"model {spec!r}: ** arguments are not supported; {hint}")
+    return tree.func.id, args, kwargs
+
+
+def _describe_call(name: str, args: tuple, kwargs: dict) -> str:
+    return f"{name}({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
+
+
+def _from_torchvision(name: str, args: tuple = (), kwargs: dict | None = None) -> nn.Module:
     import torchvision.models as tvm
 
     available = tvm.list_models(module=tvm)
     if name not in available:
         raise CompressorError(f"unknown torchvision model {name!r}; choose one of torchvision.models.list_models()")
-    kwargs = {"weights": None}
+    options = {"weights": None}
     if name in ("googlenet", "inception_v3"):
-        kwargs.update(aux_logits=False, init_weights=True)
-    return tvm.get_model(name, **kwargs)
+        options.update(aux_logits=False, init_weights=True)
+    options.update(kwargs or {})
+    try:
+        return tvm.get_model(name, *args, **options)
+    except Exception as exc:
+        raise CompressorError(
+            f"building torchvision {_describe_call(name, args, kwargs or {})} failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the arguments against torchvision's docs"
+        ) from exc
 
 
-def _from_python_file(path: Path, name: str) -> nn.Module:
+def _from_python_file(path: Path, name: str, args: tuple = (), kwargs: dict | None = None) -> nn.Module:
     if not path.is_file():
         raise CompressorError(f"model file {str(path)!r} does not exist; check the path before ':'")
     module_name = f"_compressor_user_{path.stem}"
@@ -68,15 +114,16 @@ def _from_python_file(path: Path, name: str) -> nn.Module:
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise CompressorError(f"{str(path)!r} has no callable {name!r}; name a class or function defined there")
+    call = _describe_call(name, args, kwargs or {})
     try:
-        model = factory()
+        model = factory(*args, **(kwargs or {}))
     except Exception as exc:
         raise CompressorError(
-            f"calling {name}() from {str(path)!r} failed ({type(exc).__name__}: {exc}); "
-            "it must build the model with no arguments"
+            f"calling {call} from {str(path)!r} failed ({type(exc).__name__}: {exc}); "
+            "pass the arguments it needs as literals, e.g. file.py:Net(depth=20)"
         ) from exc
     if not isinstance(model, nn.Module):
-        raise CompressorError(f"{name}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise CompressorError(f"{call} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -147,7 +194,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
             k = wrong[0]
             parts.append(f"{len(wrong)} of wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
         raise CompressorError(
-            f"weights {str(path)!r} do not fit the model: {', '.join(parts)}; pass the matching architecture"
+            f"weights {str(path)!r} do not fit the model: {', '.join(parts)}; pass the matching architecture "
+            "(a factory's arguments go in MODEL, e.g. file.py:Net(depth=20))"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 

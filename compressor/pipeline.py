@@ -228,7 +228,11 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
         export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,
                                         config.batch_size)
-        save_pytorch(recovered, example, tmp)
+        try:
+            export_info["pytorch"] = {"file": save_pytorch(recovered, example, tmp)}
+        except CompressorError as exc:  # model.onnx, the deployment artifact, is complete: go on without it
+            export_info["pytorch"] = {"file": None, "error": str(exc)}
+            stages.note(f"model.pt2 not written: {exc}")
         (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept), indent=1))
     if evaluation is not None:
         with stages.stage("evaluate", "measuring accuracy after recovery"):
@@ -302,9 +306,21 @@ def save_pytorch(model: nn.Module, example: torch.Tensor, folder: Path) -> str:
     """Save the pruned model so that it loads without the user's code.
 
     ``model.pt2`` is a ``torch.export`` program (``torch.export.load``), with a dynamic batch.
+
+    Raises:
+        CompressorError: ``torch.export`` cannot capture the model (its own printout is discarded).
     """
+    from export.onnx import native_output_discarded, quiet_exporters
+
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model.eval(), (example.repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
+    try:
+        with quiet_exporters(), native_output_discarded():
+            program = torch.export.export(model.eval(), (example.repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CompressorError(
+            f"torch.export cannot capture the pruned model ({type(exc).__name__}: {first[:200]})"
+        ) from exc
     torch.export.save(program, folder / "model.pt2")
     return "model.pt2"
 

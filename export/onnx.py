@@ -4,6 +4,11 @@
 torch 2.15 it is deprecated but still the fastest and exports opset 17 exactly, including fx
 GraphModules with ``index_select``/``index_copy`` (the pruning graph's channel remaps). When it
 fails (or is removed in a later torch) the ``torch.export``-based exporter is tried instead.
+
+The TorchScript exporter traces one run: a forward that branches on a tensor's value (``if
+x.mean() > 0``) is recorded along the branch the example took, and the file would silently compute
+that branch for every input. Its tracer warns when a tensor becomes a Python boolean; such a trace
+is discarded and the ``torch.export`` exporter, which refuses to guess, decides.
 """
 
 from __future__ import annotations
@@ -27,24 +32,31 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
+DATA_DEPENDENT_WARNING = "Converting a tensor to a Python boolean"  # the tracer's words for a value branch
+
+
+class DataDependentTrace(RuntimeError):
+    """The TorchScript trace went through a branch taken on a tensor's value."""
+
+
 @contextlib.contextmanager
-def _quiet():
-    """Silence the exporters' deprecation warnings and progress prints."""
+def quiet_exporters():
+    """Silence the exporters' warnings and progress prints; yields the list of warnings caught."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("always")
+            yield caught
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
 @contextlib.contextmanager
-def _native_output_discarded():
+def native_output_discarded():
     """Discard what native code writes to file descriptors 1 and 2: when the TorchScript exporter fails,
     its C++ side prints the whole graph (hundreds of lines), although the fallback then succeeds."""
     try:
@@ -89,16 +101,22 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         example = torch.cat([example, example], 0)
     errors = []
     try:
-        with _quiet(), _native_output_discarded(), torch.no_grad():
+        with quiet_exporters() as caught, native_output_discarded(), torch.no_grad():
             torch.onnx.export(
                 model, (example,), str(path), opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 do_constant_folding=True, dynamo=False,
             )
+        if any(DATA_DEPENDENT_WARNING in str(w.message) for w in caught):
+            path.unlink(missing_ok=True)
+            raise DataDependentTrace(
+                "the model's forward branches on a tensor's value (data-dependent control flow), which an "
+                "exported graph cannot follow"
+            )
     except Exception as exc:  # noqa: BLE001 - fall back to the dynamo exporter
         errors.append(f"TorchScript exporter: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         try:
-            with _quiet(), torch.no_grad():
+            with quiet_exporters(), native_output_discarded(), torch.no_grad():
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 torch.onnx.export(
                     model, (example,), str(path), opset_version=opset, input_names=[INPUT_NAME],
@@ -107,6 +125,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         except Exception as exc2:  # noqa: BLE001
             errors.append(f"torch.export exporter: {type(exc2).__name__}: "
                           f"{str(exc2).splitlines()[0] if str(exc2) else ''}")
+            if isinstance(exc, DataDependentTrace):
+                raise CompressorError(
+                    f"ONNX export failed: {exc} (torch.export: {type(exc2).__name__}); make the branch depend on "
+                    "shapes or constructor arguments, or write it with torch.where or torch.cond"
+                ) from exc2
             raise CompressorError(f"ONNX export to {path} failed: {'; '.join(errors)}") from exc2
     finally:
         model.train(was_training)

@@ -98,7 +98,8 @@ def _assert_failed_cleanly(result, code, out):
      ("budget_zero", 2, "50%flops"), ("budget_150", 2, "50%flops"), ("budget_fast", 2, "not understood"),
      ("empty_calib", 1, "holds no images"), ("unreadable_calib", 1, "cannot read image"),
      ("gray_images", 1, "channel"), ("rejected_shape", 1, "--input-shape"), ("nan_weights", 1, "NaN"),
-     ("unwritable_out", 1, "cannot write"), ("out_not_empty", 1, "--force")],
+     ("unwritable_out", 1, "cannot write"), ("out_not_empty", 1, "--force"),
+     ("value_branch", 1, "data-dependent control flow")],
 )
 def test_bad_input_fails_with_one_line(workspace, case, code, words):
     ws = workspace
@@ -147,6 +148,11 @@ def test_bad_input_fails_with_one_line(workspace, case, code, words):
     elif case == "out_not_empty":
         out.mkdir()
         (out / "keep.txt").write_text("precious")
+    elif case == "value_branch":  # a trace would record one path; the run must not write that ONNX file
+        (ws / "net.py").write_text(NET_SOURCE.replace(
+            "return self.fc(self.body(x).mean((2, 3)))",
+            "y = self.body(x).mean((2, 3))\n        return self.fc(y if y.sum() > 0 else -y)"))
+        args += ["--no-latency"]
     result = invoke(*args)
     assert words in result.output, result.output
     if case == "out_not_empty":
@@ -178,6 +184,7 @@ def test_end_to_end_small_network(workspace):
     assert report["accuracy"]["backend"] == "onnxruntime"
     assert report["latency"]["channel_alignment"] == 1  # any width on the CPU unless --align
     assert not (out / ".work").exists()  # the original's scratch export is not an output
+    assert report["export"]["pytorch"] == {"file": "model.pt2"}
     program = torch.export.load(out / "model.pt2").module()
     x = torch.randn(3, 3, 16, 16)
     import onnxruntime as ort
@@ -190,6 +197,23 @@ def test_end_to_end_small_network(workspace):
     # a second run into the same folder is refused without --force and replaces it with --force
     assert invoke(*base_args(workspace, out)).exit_code == 1
     assert invoke(*base_args(workspace, out), "--force").exit_code == 0
+
+
+def test_a_model_torch_export_cannot_capture_still_gets_its_onnx_file(workspace, monkeypatch):
+    import json
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("unsupported construct")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    out = workspace / "out"
+    result = invoke(*base_args(workspace, out), "--no-latency", "--recovery", "lsq")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["pytorch"] == {
+        "file": None, "error": "torch.export cannot capture the pruned model (RuntimeError: unsupported construct)"}
+    assert not (out / "model.pt2").exists() and (out / "model.onnx").exists()
+    assert "model.pt2" not in result.output.splitlines()[-1] and "model.onnx" in result.output.splitlines()[-1]
 
 
 @pytest.mark.parametrize(("criterion", "allocation"),

@@ -9,10 +9,10 @@ NET_SOURCE = """
 import torch.nn as nn
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, width=4, classes=2):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 2)
+        self.conv = nn.Conv2d(3, width, 3)
+        self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
         return self.fc(self.conv(x).mean((2, 3)))
@@ -42,6 +42,32 @@ def test_python_file_and_fp16_weights(net_file, tmp_path):
 def test_torchvision_name():
     model = load_model("torchvision:resnet18")
     assert isinstance(model, nn.Module)
+
+
+@pytest.mark.parametrize("call", ["Net(6, classes=3)", "Net(width=6, classes=3)", " Net( 6 , classes = 3 ) "])
+def test_python_file_with_literal_arguments(net_file, tmp_path, call):
+    model = load_model(f"{net_file}:{call}")
+    assert (model.conv.out_channels, model.fc.out_features) == (6, 3)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(CompressorError, match=r"do not fit.*Net\(depth=20\)"):
+        load_model(f"{net_file}:Net", weights=tmp_path / "w.pt")  # the hint says where the arguments go
+    assert torch.equal(load_model(f"{net_file}:{call}", weights=tmp_path / "w.pt").fc.weight, model.fc.weight)
+
+
+def test_torchvision_with_literal_arguments():
+    assert load_model("torchvision:resnet18(num_classes=10)").fc.out_features == 10
+    with pytest.raises(CompressorError, match=r"building torchvision resnet18\(depth=3\) failed"):
+        load_model("torchvision:resnet18(depth=3)")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [("Net(width=os.getcwd())", "must be Python literals"), ("Net(**{'width': 6})", "not supported"),
+     ("Net(", "cannot read"), ("Net.attr", "not a name or a call"), ("Net(wdth=6)", r"calling Net\(wdth=6\)")],
+)
+def test_bad_arguments_are_refused_without_running_them(net_file, call, message):
+    with pytest.raises(CompressorError, match=message):
+        load_model(f"{net_file}:{call}")
 
 
 def test_pickle_needs_trust(tmp_path):

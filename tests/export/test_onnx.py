@@ -133,3 +133,39 @@ def test_the_fallback_exporter_runs_without_the_first_ones_graph_dump(tmp_path, 
     _roundtrip(UpsamplingAdaptivePool(), tmp_path, shape=(3, 2, 2))
     captured = capfd.readouterr()
     assert "graph" not in (captured.out + captured.err).lower(), (captured.out + captured.err)[:500]
+
+
+class ValueBranch(nn.Module):
+    """Takes one of two paths depending on its input's values: a trace records only one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = y * 2
+        return y.mean((2, 3))
+
+
+class ShapeBranch(ValueBranch):
+    """Branches on a shape only: every exporter follows it, no warning to act on."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] > 8:
+            y = y * 2
+        return y.mean((2, 3))
+
+
+def test_a_branch_on_tensor_values_is_refused_not_traced_one_way(tmp_path):
+    with pytest.raises(CompressorError, match="branches on a tensor's value.*torch.where"):
+        export_onnx(ValueBranch().eval(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_branch_on_shapes_exports(tmp_path):
+    model = ShapeBranch().eval()
+    path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert check_onnx(path, model, torch.randn(4, 3, 16, 16))["max_abs_diff"] < 1e-5
