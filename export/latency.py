@@ -323,7 +323,7 @@ def measure(model_or_onnx: nn.Module | str | Path, example_input: torch.Tensor |
             backend: str = "torch", batch_size: int | None = None, warmup: int = 10, iters: int = 50,
             fp16: bool = False, channels_last: bool = False, cuda_graphs: bool = False,
             input_shape: tuple[int, ...] | None = None, workdir: str | Path | None = None,
-            providers: list[str] | None = None, threads: int | None = None) -> LatencyResult:
+            providers: list[str] | None = None, threads: int | None = None, spinning: bool = True) -> LatencyResult:
     """Latency of a module, an ONNX file or a TensorRT engine on ``device`` with ``backend``.
 
     Args:
@@ -335,12 +335,14 @@ def measure(model_or_onnx: nn.Module | str | Path, example_input: torch.Tensor |
         backend: ``torch``, ``onnxruntime`` (``ort``) or ``tensorrt`` (``trt``).
         fp16, channels_last, cuda_graphs: torch options (fp16/cuda_graphs on cuda only); fp16
             also selects an FP16 engine for tensorrt.
+        spinning: onnxruntime's intra-op threads busy-wait between runs (its default); False times
+            the sessions as ``compare_latency`` does.
     """
     example = _example(model_or_onnx, example_input, batch_size, input_shape)
     with contextlib.ExitStack() as stack:
         runner = make_runner(model_or_onnx, example, device, backend, fp16=fp16, channels_last=channels_last,
                              cuda_graphs=cuda_graphs, workdir=workdir, providers=providers, threads=threads,
-                             stack=stack)
+                             stack=stack, spinning=spinning)
         try:
             return runner.measure(warmup, iters)
         finally:
