@@ -132,6 +132,16 @@ def _from_pickle(path: Path, trust_pickle: bool) -> nn.Module:
         raise CompressorError(
             f"model file {str(path)!r} does not exist; pass a .pt file, torchvision:NAME or file.py:CALLABLE"
         )
+    if path.suffix.lower() == ".onnx":
+        raise CompressorError(
+            f"{str(path)!r} is an ONNX file, which is not pruned here; pass the PyTorch model it was exported from "
+            "(torchvision:NAME, file.py:CALLABLE or a .pt); `compress bench` times ONNX files"
+        )
+    if _is_exported_program(path):
+        raise CompressorError(
+            f"{str(path)!r} is a torch.export program: its layers are no longer modules, so its channels cannot be "
+            "removed; pass the PyTorch model it came from (to prune further, a smaller --budget on the original)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -154,6 +164,14 @@ def _from_pickle(path: Path, trust_pickle: bool) -> nn.Module:
             "(torchvision:NAME or file.py:CALLABLE) and this file as --weights"
         )
     raise CompressorError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module")
+
+
+def _is_exported_program(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.export.save`` archive (e.g. ``model.pt2`` written by ``compress``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/archive_format") or name == "archive_format" for name in archive.namelist())
 
 
 def _looks_like_torch_file(path: Path) -> bool:

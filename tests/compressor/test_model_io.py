@@ -94,6 +94,18 @@ def test_bad_model_specs(net_file, spec, message):
         load_model(spec.format(net=net_file))
 
 
+def test_exported_artifacts_are_explained(net_file, tmp_path):
+    """compress's own outputs passed back as MODEL: say why they cannot be pruned and what to pass."""
+    model = load_model(f"{net_file}:Net")
+    example = torch.randn(2, 3, 8, 8)
+    torch.export.save(torch.export.export(model, (example,)), tmp_path / "model.pt2")
+    with pytest.raises(CompressorError, match="torch.export program.*pass the PyTorch model"):
+        load_model(str(tmp_path / "model.pt2"), trust_pickle=True)
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")
+    with pytest.raises(CompressorError, match="ONNX file.*compress bench"):
+        load_model(str(tmp_path / "model.onnx"))
+
+
 def test_corrupt_model_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage" * 10)
     with pytest.raises(CompressorError, match="not a PyTorch file"):
