@@ -102,6 +102,25 @@ def _check_model_accepts(model: nn.Module, example: torch.Tensor) -> torch.Tenso
     return output
 
 
+def _check_classes(data: ImageSet | None, outputs: int, option: str, stages: Stages) -> None:
+    """Labels are class-folder indices in sorted order: they must fit the model's outputs.
+
+    Fewer folders than outputs can be right (a subset of the classes, named to sort in the model's
+    order), so it is noted rather than refused.
+    """
+    if data is None or data.labels is None or not data.classes:
+        return
+    folders = len(data.classes)
+    if folders > outputs:
+        raise CompressorError(
+            f"{option} has {folders} class folders but the model has {outputs} outputs; pass data with one folder "
+            "per class of the model, named so that they sort in the model's class order"
+        )
+    if folders < outputs:
+        stages.note(f"{option} has {folders} class folders for {outputs} model outputs: label i is the i-th folder "
+                    f"in sorted order ({data.classes[0]!r}, ...), so they must be the model's first {folders} classes")
+
+
 def load_inputs(config: CompressConfig, stages: Stages) -> tuple[nn.Module, ImageSet | None, ImageSet | None, tuple]:
     """Load the model, calibration and evaluation data and settle the input shape."""
     with stages.stage("load_model", f"loading model {config.model}"):
@@ -159,6 +178,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     model, calib, evaluation, input_shape = load_inputs(config, stages)
     example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
     output = _check_model_accepts(model, example)
+    for data, option in ((evaluation, "--eval"), (calib if config.labels else None, "--calib (with --labels)")):
+        _check_classes(data, output.shape[1], option, stages)
     target = deploy.resolve_target(config.device, config.align)
     criterion = get_criterion(config.criterion_for(len(calib.images) if calib is not None else 0))
     if criterion.needs_data and calib is None:

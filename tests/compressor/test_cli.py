@@ -99,7 +99,8 @@ def _assert_failed_cleanly(result, code, out):
      ("empty_calib", 1, "holds no images"), ("unreadable_calib", 1, "cannot read image"),
      ("gray_images", 1, "channel"), ("rejected_shape", 1, "--input-shape"), ("nan_weights", 1, "NaN"),
      ("unwritable_out", 1, "cannot write"), ("out_not_empty", 1, "--force"),
-     ("value_branch", 1, "data-dependent control flow")],
+     ("value_branch", 1, "data-dependent control flow"),
+     ("eval_classes", 1, "--eval has 4 class folders but the model has 2 outputs")],
 )
 def test_bad_input_fails_with_one_line(workspace, case, code, words):
     ws = workspace
@@ -148,6 +149,9 @@ def test_bad_input_fails_with_one_line(workspace, case, code, words):
     elif case == "out_not_empty":
         out.mkdir()
         (out / "keep.txt").write_text("precious")
+    elif case == "eval_classes":  # labels are folder indices: more folders than outputs cannot be right
+        (ws / "net.py").write_text(NET_SOURCE.replace("nn.Linear(32, 4)", "nn.Linear(32, 2)"))
+        args += ["--eval", ws / "calib"]
     elif case == "value_branch":  # a trace would record one path; the run must not write that ONNX file
         (ws / "net.py").write_text(NET_SOURCE.replace(
             "return self.fc(self.body(x).mean((2, 3)))",
@@ -197,6 +201,14 @@ def test_end_to_end_small_network(workspace):
     # a second run into the same folder is refused without --force and replaces it with --force
     assert invoke(*base_args(workspace, out)).exit_code == 1
     assert invoke(*base_args(workspace, out), "--force").exit_code == 0
+
+
+def test_fewer_class_folders_than_outputs_is_noted(workspace):
+    (workspace / "net.py").write_text(NET_SOURCE.replace("nn.Linear(32, 4)", "nn.Linear(32, 8)"))
+    args = [a for a in base_args(workspace) if a != "--quiet"]
+    result = invoke(*args, "--eval", workspace / "calib", "--no-latency", "--recovery", "bn")
+    assert result.exit_code == 0, result.output
+    assert "--eval has 4 class folders for 8 model outputs" in result.output
 
 
 def test_a_model_torch_export_cannot_capture_still_gets_its_onnx_file(workspace, monkeypatch):
