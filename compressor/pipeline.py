@@ -198,9 +198,12 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     acc = {}
     eval_backends: set[str] = set()
     original_onnx = None  # its export serves the evaluation and the latency comparison; removed at the end
+    if evaluation is not None or config.latency:
+        # first, so that a model no ONNX file can represent stops here, not after the pruning and recovery
+        with stages.stage("export_original", "exporting the original model to ONNX"):
+            original_onnx = _export_or_none(original, example, tmp / ".work" / "original.onnx")
     if evaluation is not None:
         with stages.stage("evaluate", "measuring the original model's accuracy"):
-            original_onnx = _export_or_none(original, example, tmp / ".work" / "original.onnx")
             acc["original"] = accuracy(original, evaluation, eval_backends, original_onnx)
     with stages.stage("score", f"scoring channels with {criterion.name}"):
         ctx = ScoringContext(
@@ -304,11 +307,18 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
 
 def _export_or_none(model: nn.Module, example: torch.Tensor, path: Path) -> Path | None:
-    """``model`` exported to ONNX at ``path``, or None when it does not export (callers then use the module)."""
-    from export.onnx import export_onnx
+    """``model`` exported to ONNX at ``path``, or None when it does not export (callers then use the module).
+
+    Raises:
+        DataDependentControlFlow: the model branches on tensor values; no compressed ONNX file could be
+            written either.
+    """
+    from export.onnx import DataDependentControlFlow, export_onnx
 
     try:
         return export_onnx(model, example, path)
+    except DataDependentControlFlow:
+        raise
     except CompressorError:
         return None
 

@@ -39,6 +39,10 @@ class DataDependentTrace(RuntimeError):
     """The TorchScript trace went through a branch taken on a tensor's value."""
 
 
+class DataDependentControlFlow(CompressorError):
+    """Neither exporter can export the model: its forward branches on a tensor's value."""
+
+
 @contextlib.contextmanager
 def quiet_exporters():
     """Silence the exporters' warnings and progress prints; yields the list of warnings caught."""
@@ -126,7 +130,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
             errors.append(f"torch.export exporter: {type(exc2).__name__}: "
                           f"{str(exc2).splitlines()[0] if str(exc2) else ''}")
             if isinstance(exc, DataDependentTrace):
-                raise CompressorError(
+                raise DataDependentControlFlow(
                     f"ONNX export failed: {exc} (torch.export: {type(exc2).__name__}); make the branch depend on "
                     "shapes or constructor arguments, or write it with torch.where or torch.cond"
                 ) from exc2

@@ -203,6 +203,15 @@ def test_end_to_end_small_network(workspace):
     assert invoke(*base_args(workspace, out), "--force").exit_code == 0
 
 
+def test_a_value_branch_stops_the_run_before_the_pruning(workspace):
+    (workspace / "net.py").write_text(NET_SOURCE.replace(
+        "return self.fc(self.body(x).mean((2, 3)))",
+        "y = self.body(x).mean((2, 3))\n        return self.fc(y if y.sum() > 0 else -y)"))
+    result = invoke(*[a for a in base_args(workspace) if a != "--quiet"])
+    assert result.exit_code == 1 and "data-dependent control flow" in result.output
+    assert "exporting the original model" in result.output and "scoring channels" not in result.output
+
+
 def test_fewer_class_folders_than_outputs_is_noted(workspace):
     (workspace / "net.py").write_text(NET_SOURCE.replace("nn.Linear(32, 4)", "nn.Linear(32, 8)"))
     args = [a for a in base_args(workspace) if a != "--quiet"]
