@@ -147,7 +147,7 @@ def compress_command(
         return
     for line in report.summary_lines():
         typer.echo(line)
-    written = sorted(p.name for p in Path(out).iterdir() if p.is_file() and not p.name.endswith(".png"))
+    written = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir() if p.suffix != ".png")
     typer.echo(f"wrote {out}/ ({', '.join(written)})")
 
 

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from compressor.cli import app
 from compressor.criteria import list_criteria
+from compressor.profiles import list_profiles
 
 runner = CliRunner()
 
@@ -255,6 +256,27 @@ def test_every_criterion_drives_a_whole_run(workspace, criterion, allocation):
     assert report["soundness"]["max_abs_diff"] < 1e-4 and report["export"]["onnx"]["max_abs_diff"] <= 1e-4
     record = json.loads((out / "pruning.json").read_text())
     assert any(g["prunable"] and len(g["kept"]) < g["size"] for g in record["groups"])
+
+
+@pytest.mark.parametrize("profile", [name for name in list_profiles() if name != "cpu"])
+def test_every_remote_profile_drives_a_whole_run(workspace, profile):
+    """``--device PROFILE``: aligned widths, a bundle for the device and an estimated latency."""
+    import json
+
+    from compressor.profiles import load_profile
+
+    out = workspace / "out"
+    result = invoke(*base_args(workspace, out), "--device", profile, "--recovery", "lsq")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    spec = load_profile(profile)
+    alignment = spec.channel_alignment_int8 if spec.default_precision == "int8" else spec.channel_alignment_fp16
+    assert report["flops"]["ratio"] <= 0.50
+    assert all(layer["kept"] % alignment == 0 or layer["kept"] == layer["size"] for layer in report["layers"])
+    assert report["latency"]["estimate"] is True and report["latency"]["device"] == spec.name
+    bundle = out / f"bundle-{spec.name}"
+    assert (bundle / "model.onnx").is_file() and (bundle / "build_and_benchmark.sh").is_file()
+    assert f"bundle-{spec.name}/" in result.output.splitlines()[-1]
 
 
 def test_latency_budget_on_cpu_is_met(workspace):
