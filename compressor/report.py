@@ -162,6 +162,10 @@ def render_markdown(d: dict[str, Any]) -> str:
     if onnx:
         out.append(f"- ONNX `{onnx['path']}`: max |diff| vs PyTorch {onnx['max_abs_diff']:.3g}, "
                    f"top-1 agreement {onnx['top1_agreement']:.2%}")
+    program = d["export"].get("pytorch")
+    if program:
+        out.append(f"- PyTorch `{program['file']}` (torch.export program)" if program.get("file")
+                   else f"- PyTorch program: not written ({program.get('error', 'unknown error')})")
     trt = d["export"].get("tensorrt")
     out.append(f"- TensorRT: {trt if trt else 'not built (' + d['export'].get('tensorrt_reason', 'unavailable') + ')'}")
     lat = d.get("latency")

@@ -190,6 +190,7 @@ def test_end_to_end_small_network(workspace):
     assert report["latency"]["channel_alignment"] == 1  # any width on the CPU unless --align
     assert not (out / ".work").exists()  # the original's scratch export is not an output
     assert report["export"]["pytorch"] == {"file": "model.pt2"}
+    assert "- PyTorch `model.pt2` (torch.export program)" in (out / "report.md").read_text()
     program = torch.export.load(out / "model.pt2").module()
     x = torch.randn(3, 3, 16, 16)
     import onnxruntime as ort
@@ -235,6 +236,7 @@ def test_a_model_torch_export_cannot_capture_still_gets_its_onnx_file(workspace,
     assert report["export"]["pytorch"] == {
         "file": None, "error": "torch.export cannot capture the pruned model (RuntimeError: unsupported construct)"}
     assert not (out / "model.pt2").exists() and (out / "model.onnx").exists()
+    assert "- PyTorch program: not written (torch.export cannot capture" in (out / "report.md").read_text()
     assert "model.pt2" not in result.output.splitlines()[-1] and "model.onnx" in result.output.splitlines()[-1]
 
 
