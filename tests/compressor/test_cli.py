@@ -29,6 +29,11 @@ class Net(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 """
 
+# the same network, branching on its features' values: no exported graph can follow it
+VALUE_BRANCH_SOURCE = NET_SOURCE.replace(
+    "return self.fc(self.body(x).mean((2, 3)))",
+    "y = self.body(x).mean((2, 3))\n        return self.fc(y if y.sum() > 0 else -y)")
+
 
 @pytest.fixture
 def workspace(tmp_path):
@@ -154,9 +159,7 @@ def test_bad_input_fails_with_one_line(workspace, case, code, words):
         (ws / "net.py").write_text(NET_SOURCE.replace("nn.Linear(32, 4)", "nn.Linear(32, 2)"))
         args += ["--eval", ws / "calib"]
     elif case == "value_branch":  # a trace would record one path; the run must not write that ONNX file
-        (ws / "net.py").write_text(NET_SOURCE.replace(
-            "return self.fc(self.body(x).mean((2, 3)))",
-            "y = self.body(x).mean((2, 3))\n        return self.fc(y if y.sum() > 0 else -y)"))
+        (ws / "net.py").write_text(VALUE_BRANCH_SOURCE)
         args += ["--no-latency"]
     result = invoke(*args)
     assert words in result.output, result.output
@@ -206,9 +209,7 @@ def test_end_to_end_small_network(workspace):
 
 
 def test_a_value_branch_stops_the_run_before_the_pruning(workspace):
-    (workspace / "net.py").write_text(NET_SOURCE.replace(
-        "return self.fc(self.body(x).mean((2, 3)))",
-        "y = self.body(x).mean((2, 3))\n        return self.fc(y if y.sum() > 0 else -y)"))
+    (workspace / "net.py").write_text(VALUE_BRANCH_SOURCE)
     result = invoke(*[a for a in base_args(workspace) if a != "--quiet"])
     assert result.exit_code == 1 and "data-dependent control flow" in result.output
     assert "exporting the original model" in result.output and "scoring channels" not in result.output
