@@ -158,7 +158,8 @@ def load_images(
             .pt/.npy tensor N x C x H x W (already normalized; ``mean``/``std`` not applied).
         limit: Keep at most this many, a random subset drawn with ``seed``.
         seed: Seed of the subset.
-        input_shape: (C, H, W) to resize images to; None keeps the images' own size.
+        input_shape: (C, H, W) to resize images to (aspect ratio kept, centre crop); None keeps
+            the images' own size, which must then be the same for all.
         mean: Per-channel mean subtracted after scaling pixels to [0, 1].
         std: Per-channel standard deviation.
         labelled: Labels are the sorted class-folder names' indices (required for eval data).
@@ -210,17 +211,37 @@ def _stack(arrays, input_shape, mean, std, what) -> torch.Tensor:
         raise UsageError(f"--mean/--std give {len(mean)}/{len(std)} values for {c}-channel images; give {c} each")
     if any(s <= 0 for s in std):
         raise UsageError(f"--std {','.join(map(str, std))} must be positive")
+    if input_shape is None:
+        sizes = sorted({a.shape[:2] for a in arrays})
+        if len(sizes) > 1:
+            shown = ", ".join(f"{h}x{w}" for h, w in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
+            raise CompressorError(
+                f"{what} images come in {len(sizes)} sizes (HxW {shown}); pass --input-shape to resize them "
+                f"all to the model's input, e.g. --input-shape {c}x224x224"
+            )
     target = tuple(input_shape[1:]) if input_shape is not None else arrays[0].shape[:2]
-    tensors = []
-    for a in arrays:
-        t = torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        if tuple(t.shape[1:]) != tuple(target):
-            t = F.interpolate(t[None], size=target, mode="bilinear", align_corners=False, antialias=True)[0]
-        tensors.append(t)
+    tensors = [_fit(torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float().div_(255.0), target)
+               for a in arrays]
     x = torch.stack(tensors)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def _fit(image: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """``image`` (C x h x w) scaled, aspect ratio kept, to cover ``target`` (H, W), then centre-cropped to it.
+
+    Stretching to the target instead would feed the model shapes it never saw in training; this is
+    the usual resize-then-centre-crop of image classifiers' evaluation (without its margin).
+    """
+    (h, w), (height, width) = image.shape[1:], target
+    if (h, w) == (height, width):
+        return image
+    scale = max(height / h, width / w)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return image[:, top : top + height, left : left + width]
 
 
 def _load_tensor(path: Path, limit, seed, input_shape) -> torch.Tensor:

@@ -26,6 +26,24 @@ def test_folder_labels_resize_and_normalize(tmp_path):
     assert torch.allclose(data.images[0], torch.zeros(3, 8, 8))
 
 
+def test_resize_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
+    ramp = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (8, 1, 3))  # 8 high, 16 wide
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    data = load_images(tmp_path, input_shape=(3, 8, 8), mean=(0, 0, 0), std=(1, 1, 1))
+    expected = torch.from_numpy(ramp[:, 4:12]).permute(2, 0, 1).float() / 255  # no scaling needed: crop only
+    assert torch.allclose(data.images[0], expected)
+    half = load_images(tmp_path, input_shape=(3, 4, 4), mean=(0, 0, 0), std=(1, 1, 1)).images[0]
+    assert half.shape == (3, 4, 4) and bool((half[0, 0, 1:] > half[0, 0, :-1]).all())  # still a ramp, not squeezed
+
+
+def test_mixed_sizes_need_an_input_shape(tmp_path):
+    _write(tmp_path / "a", n=2, size=(12, 10))
+    _write(tmp_path / "b", n=2, size=(8, 8))
+    with pytest.raises(CompressorError, match="come in 2 sizes.*--input-shape 3x224x224"):
+        load_images(tmp_path)
+    assert load_images(tmp_path, input_shape=(3, 8, 8)).images.shape == (4, 3, 8, 8)
+
+
 def test_tar_subset_is_seeded(tmp_path):
     _write(tmp_path / "src", n=10)
     archive = tmp_path / "imgs.tar.gz"
