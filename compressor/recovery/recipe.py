@@ -84,15 +84,21 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
     before = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device) if probe is not None else None
     backup = copy.deepcopy(ctx.pruned) if held_out else None
     start = time.perf_counter()
-    for method in methods:
+    log = ctx.log or (lambda _message: None)
+    for number, method in enumerate(methods, start=1):
+        log(f"{method.name} ({number} of {len(methods)}): running")  # some run for minutes without other output
         t0 = time.perf_counter()
         method.apply(run_ctx)
         ctx.pruned.eval()
         result["steps"].append({"name": method.name, "seconds": time.perf_counter() - t0})
+        log(f"{method.name}: done in {result['steps'][-1]['seconds']:.1f} s")
     result["seconds"] = time.perf_counter() - start
     if probe is not None:
         after = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device)
         result["fidelity"] = {"before": before, "after": after, "images": len(probe), "held_out": held_out}
+        log(f"{'held-out' if held_out else 'calibration'} images ({len(probe)}): KL divergence from the original "
+            f"{before['kl']:.3f} -> {after['kl']:.3f}, top-1 agreement {before['top1_agreement']:.1%} -> "
+            f"{after['top1_agreement']:.1%}")
         if backup is not None and not after["kl"] <= before["kl"]:
             # each method accepts its own changes on held-out data, layer by layer or block by block; should the
             # whole recipe still leave the held-out images further from the original, it is undone

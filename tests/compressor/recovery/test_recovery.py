@@ -228,13 +228,19 @@ def test_grouped_and_depthwise_convs_are_refit():
 
 
 def test_recipe_reports_steps_and_fidelity():
-    ctx = make_case(calib_n=512)
+    lines = []
+    ctx = dataclasses.replace(make_case(calib_n=512), log=lines.append)
     info = run_recipe(list(DEFAULT_RECIPE), ctx)
     assert [s["name"] for s in info["steps"]] == list(DEFAULT_RECIPE)
     fid = info["fidelity"]
     assert fid["held_out"] and fid["images"] == 64
     assert fid["after"]["kl"] < fid["before"]["kl"]
     assert 0.0 <= fid["after"]["top1_agreement"] <= 1.0
+    # progress: each method says when it starts and ends (some run for minutes), then the held-out result
+    starts = [i for i, line in enumerate(lines) if line.endswith(": running")]
+    assert [lines[i].split(" (")[0] for i in starts] == list(DEFAULT_RECIPE)
+    assert all(any(line.startswith(f"{n}: done in ") for line in lines) for n in DEFAULT_RECIPE)
+    assert lines[-1].startswith("held-out images (64): KL divergence from the original ")
     free = run_recipe(list(DATA_FREE_RECIPE), dataclasses.replace(make_case(), calib=None))
     assert "fidelity" not in free and free["steps"][0]["name"] == "datafree"
 
