@@ -134,16 +134,18 @@ def latency(config: CompressConfig, target: Target, original: nn.Module, pruned:
 
     batch = example[:1].repeat(config.batch_size, 1, 1, 1)
     if not target.local:
-        from compressor.latency_model import estimate_latency_ms
+        from compressor.latency_model import estimate_latency
 
         precision = getattr(target.profile, "default_precision", "fp16")
-        o = estimate_latency_ms(original, batch, target.profile, precision)
-        p = estimate_latency_ms(pruned, batch, target.profile, precision)
-        o_ms, p_ms = (o[0] if isinstance(o, tuple) else o), (p[0] if isinstance(p, tuple) else p)
+        o = estimate_latency(original, batch, target.profile, precision)
+        p = estimate_latency(pruned, batch, target.profile, precision)
+        o_ms, p_ms = o.total_ms, p.total_ms
         flat = {"p50": o_ms, "p90": o_ms, "p99": o_ms}
+        launches = sum(layer.launch_ms for layer in p.layers)
         return {"latency": {"device": target.name, "backend": f"roofline estimate ({precision})", "estimate": True,
                             "batch_size": config.batch_size, "original_ms": flat,
-                            "pruned_ms": {"p50": p_ms, "p90": p_ms, "p99": p_ms}, "speedup": o_ms / p_ms}}
+                            "pruned_ms": {"p50": p_ms, "p90": p_ms, "p99": p_ms}, "speedup": o_ms / p_ms,
+                            "layers": len(p.layers), "launch_share": launches / p_ms if p_ms > 0 else 0.0}}
     runs = []
     backends = [primary_backend(target)] + (["torch"] if target.torch_device == "cpu" else [])
     for backend in backends:

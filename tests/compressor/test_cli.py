@@ -277,6 +277,7 @@ def test_every_remote_profile_drives_a_whole_run(workspace, profile):
     assert report["flops"]["ratio"] <= 0.50
     assert all(layer["kept"] % alignment == 0 or layer["kept"] == layer["size"] for layer in report["layers"])
     assert report["latency"]["estimate"] is True and report["latency"]["device"] == spec.name
+    assert report["latency"]["layers"] == 4 and 0.0 < report["latency"]["launch_share"] < 1.0
     bundle = out / f"bundle-{spec.name}"
     assert (bundle / "model.onnx").is_file() and (bundle / "build_and_benchmark.sh").is_file()
     assert f"bundle-{spec.name}/" in result.output.splitlines()[-1]

@@ -66,3 +66,15 @@ def test_alignment_hint_when_unaligned_widths_bought_no_speed_up(alignment, orig
 def test_no_alignment_hint_for_estimates():
     lat = _latency((1.05, 1.10), (1.10, 1.12), channel_alignment=1, estimate=True)
     assert not any("try --align" in line for line in _report(lat).summary_lines())
+
+
+@pytest.mark.parametrize(("estimate", "share", "noted"), [
+    (True, 0.95, True),  # ResNet-56 on the Jetson Orin Nano at batch 1: 1.04x at 40% of the FLOPs
+    (True, 0.30, False),  # the same at batch 64 is compute-bound: 1.38x, nothing to explain
+    (False, 0.95, False),  # a measurement, not an estimate: the spread note covers it
+])
+def test_launch_bound_estimate_is_explained(estimate, share, noted):
+    lat = _latency((0.616, 0.616), (0.592, 0.592), estimate=estimate, launch_share=share, layers=56,
+                   device="jetson-orin-nano")
+    assert any("launch-bound" in line for line in _report(lat).summary_lines()) == noted
+    assert ("launch-bound" in render_markdown(_report(lat).data)) == noted
