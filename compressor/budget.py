@@ -60,10 +60,13 @@ def parse_budget(text: str) -> Budget:
 
 
 def _round_count(group: ChannelGroup, count: int) -> int:
-    """Clamp ``count`` to [min_channels, size] and round up to the group's multiple."""
+    """Clamp ``count`` to [min_channels, size] and round up to the group's multiple (a single channel
+    stays single where the group allows it)."""
     m = max(1, group.multiple)
     floor = max(group.min_channels, 1)
     count = max(count, floor)
+    if count == 1 and group.single_allowed:
+        return 1
     count = -(-count // m) * m
     if count > group.size:
         count = group.size

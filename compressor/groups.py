@@ -51,6 +51,10 @@ class ChannelGroup:
         reason: Why the group is not prunable (shown in the report and terminal).
         multiple: The kept count must be a multiple of this (grouped convolutions, device
             alignment). 1 means any count.
+        single_allowed: The group may also keep a single channel, below ``multiple``: set when the
+            multiple comes from device alignment alone. One channel costs next to nothing
+            whatever the alignment, and the width search uses it to all but remove a residual
+            branch (unaligned, it takes six of ResNet-56's nine stage-1 blocks there at 40%).
         min_channels: The kept count never goes below this.
         spatial_macs: MACs of the root's producing layers per output channel, used by the
             width search's fast cost model (filled in by the graph).
@@ -63,6 +67,7 @@ class ChannelGroup:
     prunable: bool = True
     reason: str | None = None
     multiple: int = 1
+    single_allowed: bool = False
     min_channels: int = 1
 
     def producers(self) -> list[GroupMember]:

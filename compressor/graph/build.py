@@ -187,6 +187,7 @@ def build_graph(
         elif partitions:
             graph._balance[gid] = list(partitions.pop())
         group.min_channels = max(1, min(floor, size))
+        group.single_allowed = group.multiple > 1 and not partitions and group.min_channels == 1
         if problems:
             group.prunable = False
             group.reason = "; ".join(dict.fromkeys(problems))

@@ -56,6 +56,16 @@ def test_search_honours_multiple_and_uniform_ratios():
     assert macs(counts) <= 0.5 * macs({})
 
 
+def test_a_single_channel_is_kept_below_the_alignment_only_where_allowed():
+    from compressor.budget import _round_count, min_counts
+
+    aligned = ChannelGroup(id=0, root="c", size=32, multiple=8, single_allowed=True)
+    grouped = ChannelGroup(id=1, root="g", size=32, multiple=8)
+    assert [_round_count(aligned, n) for n in (0, 1, 2, 8, 9, 40)] == [1, 1, 8, 8, 16, 32]
+    assert [_round_count(grouped, n) for n in (0, 1, 2)] == [8, 8, 8]
+    assert min_counts([aligned, grouped]) == {0: 1, 1: 8}
+
+
 def test_unreachable_budget_raises():
     groups, macs = _chain([8, 8])
     for g in groups:

@@ -275,7 +275,7 @@ def test_every_remote_profile_drives_a_whole_run(workspace, profile):
     spec = load_profile(profile)
     alignment = spec.channel_alignment_int8 if spec.default_precision == "int8" else spec.channel_alignment_fp16
     assert report["flops"]["ratio"] <= 0.50
-    assert all(layer["kept"] % alignment == 0 or layer["kept"] == layer["size"] for layer in report["layers"])
+    assert all(layer["kept"] % alignment == 0 or layer["kept"] in (1, layer["size"]) for layer in report["layers"])
     assert report["latency"]["estimate"] is True and report["latency"]["device"] == spec.name
     assert report["latency"]["layers"] == 4 and 0.0 < report["latency"]["launch_share"] < 1.0
     bundle = out / f"bundle-{spec.name}"

@@ -270,10 +270,14 @@ def test_ignore_globs(resnet18):
 
 def test_min_channels_and_round_to(resnet18):
     model, _ = resnet18
+    aligned = G.build_graph(model, torch.randn(1, 3, 64, 64), round_to=8)
+    assert all(g.single_allowed for g in aligned.groups)  # alignment alone: a single channel stays possible
+    assert not any(g.single_allowed for g in G.build_graph(model, torch.randn(1, 3, 64, 64)).groups)
     graph = G.build_graph(model, torch.randn(1, 3, 64, 64), min_channels=100, round_to=8)
     for g in graph.groups:
         assert g.multiple == 8
         assert g.min_channels == min(100, g.size)
+        assert not g.single_allowed  # the user's floor rules it out
     plan = {g.id: torch.arange(g.min_channels) for g in graph.groups if g.prunable}
     pruned = G.apply_plan(graph, plan)
     assert pruned.model.get_submodule("layer1.0.conv1").out_channels == 64  # size 64 < floor 100
@@ -315,6 +319,7 @@ def test_grouped_convs_keep_valid_groups():
     g_out = group_of(graph, "gconv")
     assert g_in.prunable and g_out.prunable
     assert g_in.multiple == 4 and g_out.multiple == 4  # lcm(round_to=2, groups=4)
+    assert not g_in.single_allowed and not g_out.single_allowed  # every conv group must keep as many
     assert g_in.min_channels >= 4
     assert G.conv_groups(graph, g_in.id).tolist() == [i // 8 for i in range(32)]
     # an unbalanced plan (all kept channels in the first conv groups) is rebalanced

@@ -831,3 +831,24 @@ def test_lsq_with_fewer_images_than_given_takes_them_from_the_whole_calibration_
     capped_run, spread_run, prefix_run = fitted
     torch.testing.assert_close(capped_run, spread_run)
     assert not torch.allclose(capped_run, prefix_run, atol=1e-4)
+
+
+@pytest.mark.parametrize(("single_allowed", "expected"), [(True, 1), (False, None)])
+def test_the_allocation_steps_from_the_alignment_to_a_single_channel(single_allowed, expected):
+    """An aligned group shrinks 16 -> 8 -> 1 where one channel is allowed; otherwise 8 is its floor."""
+    from compressor import budget as budget_mod
+    from compressor import sensitivity
+    from compressor.errors import BudgetError
+    from compressor.groups import ChannelGroup
+
+    group = ChannelGroup(id=0, root="c", size=16, multiple=8, single_allowed=single_allowed)
+    by_id, curves = {0: group}, {0: [(16, 0.0), (8, 0.1)]}
+    floor = budget_mod.min_counts([group])
+    estimate = lambda counts: 10.0 * counts[0]  # noqa: E731
+    change = lambda counts, gid, new: 10.0 * (new - counts[gid])  # noqa: E731
+    if expected is None:
+        with pytest.raises(BudgetError):
+            sensitivity._greedy(by_id, curves, floor, estimate, change, target_macs=50.0)
+        return
+    counts, macs = sensitivity._greedy(by_id, curves, floor, estimate, change, target_macs=50.0)
+    assert counts == {0: expected} and macs == 10.0
