@@ -341,11 +341,11 @@ def save_pytorch(model: nn.Module, example: torch.Tensor, folder: Path) -> str:
     Raises:
         CompressorError: ``torch.export`` cannot capture the model (its own printout is discarded).
     """
-    from export.onnx import native_output_discarded, quiet_exporters
+    from export.onnx import quiet_exporters
 
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        with quiet_exporters(), native_output_discarded():
+        with quiet_exporters():
             program = torch.export.export(model.eval(), (example.repeat(2, 1, 1, 1),), dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).splitlines()[0] if str(exc) else ""

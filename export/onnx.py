@@ -45,13 +45,15 @@ class DataDependentControlFlow(CompressorError):
 
 @contextlib.contextmanager
 def quiet_exporters():
-    """Silence the exporters' warnings and progress prints; yields the list of warnings caught."""
+    """Silence the exporters' warnings, progress prints and native printouts (``native_output_discarded``);
+    yields the list of warnings caught."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        with (warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()),
+              native_output_discarded()):
             warnings.simplefilter("always")
             yield caught
     finally:
@@ -105,7 +107,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         example = torch.cat([example, example], 0)
     errors = []
     try:
-        with quiet_exporters() as caught, native_output_discarded(), torch.no_grad():
+        with quiet_exporters() as caught, torch.no_grad():
             torch.onnx.export(
                 model, (example,), str(path), opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
@@ -120,7 +122,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     except Exception as exc:  # noqa: BLE001 - fall back to the dynamo exporter
         errors.append(f"TorchScript exporter: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         try:
-            with quiet_exporters(), native_output_discarded(), torch.no_grad():
+            with quiet_exporters(), torch.no_grad():
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 torch.onnx.export(
                     model, (example,), str(path), opset_version=opset, input_names=[INPUT_NAME],
