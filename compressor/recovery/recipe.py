@@ -43,7 +43,8 @@ def fidelity(original: torch.nn.Module, pruned: torch.nn.Module, images: torch.T
         agree += int((lo.argmax(1) == lp.argmax(1)).sum())
         kl += float(F.kl_div(F.log_softmax(lp, 1), F.log_softmax(lo, 1), log_target=True, reduction="sum"))
         n += len(x)
-    return {"top1_agreement": agree / max(1, n), "kl": kl / max(1, n)}
+    # a KL divergence is never negative; rounding makes it so by about 1e-8 when the two models agree
+    return {"top1_agreement": agree / max(1, n), "kl": max(0.0, kl / max(1, n))}
 
 
 def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) -> dict:

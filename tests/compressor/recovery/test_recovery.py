@@ -852,3 +852,15 @@ def test_the_allocation_steps_from_the_alignment_to_a_single_channel(single_allo
         return
     counts, macs = sensitivity._greedy(by_id, curves, floor, estimate, change, target_macs=50.0)
     assert counts == {0: expected} and macs == 10.0
+
+
+def test_fidelity_kl_is_never_negative():
+    from compressor.recovery.recipe import fidelity
+
+    torch.manual_seed(4)
+    original = nn.Linear(64, 10)
+    nearly = copy.deepcopy(original)
+    with torch.no_grad():
+        nearly.weight.add_(torch.randn_like(nearly.weight) * 1e-7)  # summed in float32, this KL rounds below zero
+    result = fidelity(original, nearly, torch.randn(256, 64), batch_size=256)
+    assert result["kl"] >= 0.0 and result["top1_agreement"] == 1.0
