@@ -9,6 +9,7 @@ recovery's fidelity on held-out calibration images (KL divergence from the origi
 after), stage times, wall time and peak memory.
 
 Writes bench/results/zoo_run.md. Run: python bench/zoo_run.py [--models a,b] [--mode default|jetson|datafree]
+The CIFAR shapes (bench/cifar_shapes.py): --models cifar_vgg16,cifar_resnet18,... --size 32 --images 1024
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, write_table
-from zoo_models import ARCHITECTURES
+from zoo_models import ARCHITECTURES, CIFAR_SHAPES
 
 MODES = {
     "default": ["--device", "cpu", "--no-latency"],
@@ -66,7 +67,9 @@ def row(name: str, code: int, report: dict | None, wall: float, peak: float, las
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default=",".join(ARCHITECTURES), help="comma-separated torchvision names")
+    parser.add_argument("--models", default=",".join(ARCHITECTURES),
+                        help=f"comma-separated names: torchvision's, or the CIFAR shapes ({', '.join(CIFAR_SHAPES)}) "
+                             "with --size 32")
     parser.add_argument("--mode", choices=sorted(MODES), default="default")
     parser.add_argument("--budget", type=int, default=50, help="FLOPs budget in percent")
     parser.add_argument("--size", type=int, default=64, help="input height and width")
@@ -91,7 +94,8 @@ def main() -> None:
         f"{args.threads} torch thread(s) each. Random weights: accuracy is meaningless, completion is the point. "
         "`groups left whole`: besides the classifier's outputs.",
     ]
-    write_table(Path(args.out), f"Whole runs on the torchvision zoo ({args.mode}, {args.budget}% FLOPs)", header, rows,
+    zoo = "CIFAR shapes" if set(args.models.split(",")) <= set(CIFAR_SHAPES) else "torchvision zoo"
+    write_table(Path(args.out), f"Whole runs on the {zoo} ({args.mode}, {args.budget}% FLOPs)", header, rows,
                 notes, append=args.append)
 
 

@@ -54,6 +54,16 @@ def load_cifar_resnet(depth: int = 20) -> torch.nn.Module:
     return module.CifarResNet(depth).eval()
 
 
+def load_cifar_shapes():
+    """``bench/cifar_shapes.py``: CIFAR architectures written in community training repositories' idioms."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cifar_shapes", REPO / "bench" / "cifar_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
     """Random BN statistics/affine so that activations keep a useful scale through the net."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,5 +1,7 @@
 """Coverage: build, prune ~50% of every prunable group, check soundness, MACs and ONNX parity
-on the torchvision zoo (random weights) and the option-A CIFAR ResNet.
+on the torchvision zoo (random weights), the option-A CIFAR ResNet, and the CIFAR shapes of
+``bench/cifar_shapes.py`` (community idioms: ``view(size(0), -1)``, empty Sequential shortcuts,
+in-place additions, pre-activation, squeeze-excitation, DenseNet concatenations).
 
 Excluded groups per model are printed (``pytest -s``) and checked against what we expect.
 """
@@ -10,7 +12,7 @@ import io
 
 import pytest
 import torch
-from conftest import load_cifar_resnet, randomize_bn
+from conftest import load_cifar_resnet, load_cifar_shapes, randomize_bn
 from torch import nn
 
 from compressor import graph as G
@@ -110,3 +112,11 @@ def test_torchvision_model(name):
 
 def test_cifar_resnet20():
     _check("cifar_resnet20", randomize_bn(load_cifar_resnet(20)), (3, 32, 32), [])
+
+
+@pytest.mark.parametrize("name", sorted(load_cifar_shapes().SHAPES))
+def test_cifar_shape(name):
+    torch.manual_seed(0)
+    # at a quarter width the first squeeze-excitation bottlenecks (channels // 16) hold one channel
+    expected = ["a single channel"] if name == "cifar_senet18" else []
+    _check(name, randomize_bn(load_cifar_shapes().build(name, width=0.25)), (3, 32, 32), expected)
