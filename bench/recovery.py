@@ -36,6 +36,10 @@ Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,
     python bench/recovery.py --criterion reconstruction --recipes lsq,lsq+block    # the default, 80/60/30% probes
     # lsq and block interleaved block by block (eighth session)
     python bench/recovery.py --criterion reconstruction --recipes lsq+block,lsq_block --threads 1
+    # inverted residuals with a CIFAR stem (twelfth session; bench/cifar_shapes.py's MobileNetV2 at half width)
+    python bench/train_cifar.py --arch cifar_mobilenet_v2_half --epochs 6
+    python bench/recovery.py --model cifar_mobilenet_v2_half --criterion reconstruction --calib-sizes 1024 \
+        --recipes none,bn,lsq,lsq+block --append
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def accuracy(model, images, labels) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="resnet56",
-                        choices=("resnet56", "resnet20", "digits", "resnet18", "mobilenet_v2", "vgg_cifar"))
+                        choices=("resnet56", "resnet20", "digits", "resnet18", "mobilenet_v2", "vgg_cifar",
+                                 "cifar_mobilenet_v2_half"))
     parser.add_argument("--allocation", default="sensitivity", choices=("global", "sensitivity"))
     parser.add_argument("--criterion", default="l1", help="channel criterion (registry name)")
     parser.add_argument("--val", type=int, default=5000)
@@ -190,7 +195,7 @@ def load_case(name: str, calib_size: int, load_resnet, load_images):
         calib = load_images(paths["calib"], limit=calib_size, seed=0, mean=MEAN, std=STD).images
         val = load_images(paths["eval"], mean=MEAN, std=STD, labelled=True, what="evaluation")
         return model, calib, val, "`compress demo`'s DigitsNet (VGG-style, sklearn digits 1x16x16, trained here)"
-    if name in ("resnet18", "mobilenet_v2", "vgg_cifar"):
+    if name in ("resnet18", "mobilenet_v2", "vgg_cifar", "cifar_mobilenet_v2_half"):
         from train_cifar import build, weights_path
 
         path = weights_path(name)
@@ -199,8 +204,10 @@ def load_case(name: str, calib_size: int, load_resnet, load_images):
         model = build(name)
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
-        arch = "`vgg_cifar` (plain VGG-style, bench/cifar_models.py)" if name == "vgg_cifar" else (
-            f"torchvision `{name}` (num_classes=10, ImageNet stem)")
+        arch = {"vgg_cifar": "`vgg_cifar` (plain VGG-style, bench/cifar_models.py)",
+                "cifar_mobilenet_v2_half": "`cifar_mobilenet_v2_half` (bench/cifar_shapes.py's MobileNetV2, CIFAR "
+                                           "stem, half width)"}.get(name, f"torchvision `{name}` (num_classes=10, "
+                                                                          "ImageNet stem)")
         text = f"{arch} trained here on the CIFAR-10 JPEGs by bench/train_cifar.py"
     else:
         weights, depth = {"resnet56": ("resnet56-cifar10-jpeg.pt", 56),

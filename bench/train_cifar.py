@@ -9,9 +9,12 @@ are ImageNet's (stride 4 for resnet18, 2 for mobilenet_v2, on 32x32 images), whi
 affordable on a CPU at the price of accuracy; the benchmark measures the change from each network's
 own accuracy, so a modest starting point serves. ``vgg_cifar`` (``bench/cifar_models.py``) is a
 plain VGG-style network at CIFAR resolution: eight conv-BN-ReLU layers, max pooling, two linear layers.
+``cifar_mobilenet_v2_half`` is the MobileNetV2 of ``bench/cifar_shapes.py`` (CIFAR stem, as community
+repositories write it) at half width: inverted residuals trained at full resolution.
 
 Run: python bench/train_cifar.py --arch resnet18 && python bench/train_cifar.py --arch mobilenet_v2
      python bench/train_cifar.py --arch vgg_cifar
+     python bench/train_cifar.py --arch cifar_mobilenet_v2_half --epochs 6
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from common import CIFAR_MEAN, CIFAR_STD, TRAIN, VAL, require_shared
 
 CACHE = Path.home() / ".cache" / "cnn-compressor" / "cifar"
-ARCHS = ("resnet18", "mobilenet_v2", "vgg_cifar")
+ARCHS = ("resnet18", "mobilenet_v2", "vgg_cifar", "cifar_mobilenet_v2_half")
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -35,6 +38,10 @@ def build(arch: str) -> torch.nn.Module:
         from cifar_models import vgg_cifar
 
         return vgg_cifar()
+    if arch == "cifar_mobilenet_v2_half":  # CIFAR stem (stride 1), half width: 24 M multiply-accumulates
+        from cifar_shapes import build as build_shape
+
+        return build_shape("cifar_mobilenet_v2", width=0.5)
     import torchvision.models as tvm
 
     return tvm.get_model(arch, weights=None, num_classes=10)

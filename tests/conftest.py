@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def load_cifar_resnet(depth: int = 20) -> torch.nn.Module:
     return module.CifarResNet(depth).eval()
 
 
+@functools.cache
 def load_cifar_shapes():
     """``bench/cifar_shapes.py``: CIFAR architectures written in community training repositories' idioms."""
     import importlib.util

@@ -78,3 +78,17 @@ def test_launch_bound_estimate_is_explained(estimate, share, noted):
                    device="jetson-orin-nano")
     assert any("launch-bound" in line for line in _report(lat).summary_lines()) == noted
     assert ("launch-bound" in render_markdown(_report(lat).data)) == noted
+
+
+@pytest.mark.parametrize(("original", "pruned", "slower"), [
+    ((0.932, 0.95), (1.453, 1.48), True),  # a CIFAR MobileNetV2 at 50% unaligned: 0.64x, far beyond the spread
+    ((0.648, 0.80), (0.700, 0.85), False),  # 0.93x but inside the spread: not called slower
+    ((1.049, 1.10), (0.979, 1.02), False),  # 1.07x: no speed-up to speak of, but not slower
+])
+def test_alignment_hint_says_first_when_the_pruned_model_was_slower(original, pruned, slower):
+    lat = _latency(original, pruned, channel_alignment=1)
+    lines = [line for line in _report(lat).summary_lines() if "try --align" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith("note: the pruned model ran slower than the original") == slower
+    if slower:
+        assert f"({lat['speedup']:.2f}x)" in lines[0] and "0.64x" in lines[0]
