@@ -97,9 +97,28 @@ def launch_note(lat: dict[str, Any]) -> str | None:
             "--batch-size shows the compute-bound case, and only fewer layers would shorten this one")
 
 
+BUSY_NOTE_CORES = 0.5  # other processes' average use of the CPU while timing, in cores, that voids the figures
+
+
+def busy_machine_note(lat: dict[str, Any]) -> str | None:
+    """A warning when other processes used the CPU while latency was timed on it.
+
+    Two ``compress`` runs side by side on a 2-core machine, with two threads each, ran four to five
+    times slower than one alone (README); latency measured that way says little about the model.
+    """
+    settings = lat.get("settings") or {}
+    others = settings.get("other_cpu_load")
+    if lat.get("estimate") or others is None or others < BUSY_NOTE_CORES:
+        return None
+    cpus = settings.get("cpus")
+    return (f"other processes kept {others:.1f}{f' of {cpus}' if cpus else ''} CPU cores busy while latency was "
+            "measured: these latencies are not reliable; measure on an otherwise idle machine (one compress at a time)")
+
+
 def latency_notes(lat: dict[str, Any]) -> list[str]:
-    """The notes that go with a latency block: measurement spread, channel alignment, launch overhead."""
-    return [note for note in (latency_spread_note(lat), alignment_note(lat), launch_note(lat)) if note]
+    """The notes that go with a latency block: busy machine, measurement spread, channel alignment, launch overhead."""
+    notes = (busy_machine_note(lat), latency_spread_note(lat), alignment_note(lat), launch_note(lat))
+    return [note for note in notes if note]
 
 
 @dataclass

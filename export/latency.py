@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,6 +61,30 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms, dtype=np.float64)
     p50, p90, p99 = (float(v) for v in np.percentile(a, [50, 90, 99]))
     return {"p50": p50, "p90": p90, "p99": p99, "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(monotonic seconds, CPU seconds busy on all cores, CPU seconds of this process) now; None without /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+    guests = sum(ticks[8:10])  # guest time is already counted in user and nice
+    own = os.times()
+    return time.monotonic(), (sum(ticks) - idle - guests) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_cpu_load(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> float | None:
+    """Cores that other processes kept busy, on average, between two :func:`cpu_snapshot` calls."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / (after[0] - before[0]))
 
 
 def time_loop(step: Callable[[], object], warmup: int, iters: int,
@@ -356,7 +381,9 @@ def compare_latency(original, pruned, example_input: torch.Tensor | None = None,
 
     The timed iterations alternate between the two models in ``rounds`` blocks, so drifting load
     on a shared machine affects both alike. Returns ``{"original_ms": {p50, p90, p99, mean},
-    "pruned_ms": {...}, "speedup": original p50 / pruned p50, "settings": {...}}``. Other keyword
+    "pruned_ms": {...}, "speedup": original p50 / pruned p50, "settings": {...}}``; ``settings`` holds
+    ``other_cpu_load``, the CPU cores other processes kept busy on average while timing (None where
+    ``/proc/stat`` is absent), and ``cpus``. Other keyword
     arguments (fp16, channels_last, cuda_graphs, workdir, providers, threads, spinning) go to
     ``make_runner``; onnxruntime sessions are timed without thread spinning unless told otherwise.
     """
@@ -372,9 +399,11 @@ def compare_latency(original, pruned, example_input: torch.Tensor | None = None,
     with contextlib.ExitStack() as stack:
         runners = [make_runner(m, example, device, backend, stack=stack, **kwargs) for m in (original, pruned)]
         samples: list[list[float]] = [[], []]
+        start = cpu_snapshot()
         for r, size in enumerate(sizes):
             for i, runner in enumerate(runners):
                 samples[i] += time_loop(runner.step, warmup if r == 0 else 1, size, runner.sync)
+        others = other_cpu_load(start, cpu_snapshot())
         for runner in runners:
             runner.close()
     o, p = (summarize(s) for s in samples)
@@ -385,7 +414,9 @@ def compare_latency(original, pruned, example_input: torch.Tensor | None = None,
         "speedup": o["p50"] / p["p50"] if p["p50"] > 0 else float("inf"),
         "settings": {"backend": first.backend, "device": first.device, "batch_size": first.batch_size,
                      "warmup": warmup, "iters": iters, "rounds": rounds, "precision": first.precision,
-                     "threads": torch.get_num_threads()},
+                     "threads": torch.get_num_threads(),
+                     # CPU timings are only as good as the machine is quiet: other processes' use while timing
+                     "other_cpu_load": None if others is None else round(others, 2), "cpus": os.cpu_count()},
     }
 
 

@@ -92,3 +92,18 @@ def test_alignment_hint_says_first_when_the_pruned_model_was_slower(original, pr
     assert lines[0].startswith("note: the pruned model ran slower than the original") == slower
     if slower:
         assert f"({lat['speedup']:.2f}x)" in lines[0] and "0.64x" in lines[0]
+
+
+@pytest.mark.parametrize(("others", "estimate", "noted"), [
+    (1.9, False, True),  # another 2-thread job on a 2-core machine
+    (0.1, False, False),  # a quiet machine
+    (None, False, False),  # not measured (no /proc/stat)
+    (1.9, True, False),  # estimates are computed, not timed
+])
+def test_busy_machine_note(others, estimate, noted):
+    lat = _latency((3.03, 3.20), (2.60, 2.75), estimate=estimate, settings={"other_cpu_load": others, "cpus": 2})
+    lines = _report(lat).summary_lines()
+    assert any("CPU cores busy while latency was measured" in line for line in lines) == noted
+    assert ("not reliable" in render_markdown(_report(lat).data)) == noted
+    if noted:
+        assert any("1.9 of 2 CPU cores" in line for line in lines)

@@ -132,3 +132,23 @@ def test_cuda_fp16_graphs():  # pragma: no cover - runs on GPU machines only
                 warmup=2, iters=5)
     _sane(r, 5)
     assert r.precision == "fp16"
+
+
+def test_compare_latency_sees_another_process_using_the_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat: the other processes' CPU use is not measured on this system")
+    model = tiny(32)
+    example = torch.randn(1, 3, 64, 64)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        busy = compare_latency(model, model, example, warmup=2, iters=400, threads=1)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # a spinning interpreter keeps about one core busy; our own threads are not counted
+    assert busy["settings"]["other_cpu_load"] >= 0.5, busy["settings"]
+    assert busy["settings"]["cpus"] >= 1
