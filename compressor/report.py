@@ -103,7 +103,7 @@ BUSY_NOTE_CORES = 0.5  # other processes' average use of the CPU while timing, i
 def busy_machine_note(lat: dict[str, Any]) -> str | None:
     """A warning when other processes used the CPU while latency was timed on it.
 
-    Two ``compress`` runs side by side on a 2-core machine, with two threads each, ran four to five
+    Two ``compress`` runs side by side on a 2-core machine, with two threads each, ran up to five
     times slower than one alone (README); latency measured that way says little about the model.
     """
     settings = lat.get("settings") or {}
