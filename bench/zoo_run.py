@@ -1,9 +1,10 @@
-"""Whole ``compress`` runs on the torchvision zoo: does the default pipeline complete on every architecture?
+"""Whole ``compress`` runs on a zoo of architectures: does the default pipeline complete on every one?
 
 The graph coverage benchmark prunes each architecture with a random plan; this one runs the whole
 default pipeline (criterion, sensitivity allocation, ``lsq`` then ``block``, ONNX export and its
 parity check) as a user would, one ``compress`` process per model, on random weights
-(``bench/zoo_models.py``) and calibration images of noise. Accuracy means nothing here; what is
+(``bench/zoo_models.py``: torchvision's zoo, and the CIFAR shapes of ``bench/cifar_shapes.py``) and
+calibration images of noise. Accuracy means nothing here; what is
 measured is that each run completes within the budget, its soundness and ONNX differences, the
 recovery's fidelity on held-out calibration images (KL divergence from the original before ->
 after), stage times, wall time and peak memory.
