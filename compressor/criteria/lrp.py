@@ -1,12 +1,16 @@
 """``lrp``: Layer-wise Relevance Propagation relevance of each channel (Yeom et al., Pattern Recognition 2021).
 
 "Pruning by explaining" scores a filter by the LRP relevance that reaches its output, summed
-over a set of reference images, and normalizes the relevances of each layer (L2) so that one
-global ranking compares layers. Our implementation follows the paper's rule choice:
+over a set of reference images, and normalizes the relevances of each layer so that one global
+ranking compares layers. Our implementation follows the authors' code
+(github.com/seulkiyeom/LRP_pruning: ``filterprune.py``, ``prune_resnet.py``):
 
-* the explained output is the logit of the predicted class (label-free) or of the true class
-  when ``ctx.labels`` is given; relevance starts as that logit;
-* Linear layers use the epsilon rule (``eps = 0.01``, stabilizer ``eps * sign(z)``);
+* each image starts with a relevance of 1 at the explained class (their ``lrp_anchor``, the
+  logit divided by itself), so every image weighs the same; the explained class is the model's
+  own prediction (label-free) or the true class when ``ctx.labels`` is given (their code uses
+  the labels);
+* Linear layers use the epsilon rule (``eps = 1e-6``, as their ``linear_eps``; stabilizer
+  ``eps * sign(z)``);
 * convolutions use the alpha-beta rule with alpha=1, beta=0 (``z+``; for non-negative inputs
   it is exactly the z+ rule, for signed inputs it keeps only positive contributions
   ``(x_j w_jk)^+``);
@@ -15,20 +19,24 @@ global ranking compares layers. Our implementation follows the paper's rule choi
   BatchNorm is treated as a per-channel linear map (z rule, its shift absorbs relevance);
 * ReLU, pooling, padding and subsampling pass relevance by the ordinary gradient, and residual
   additions split it in proportion to the addends (``R_a = a / (a + b) * R``), which is what
-  gradient x input gives at an addition.
+  gradient x input gives at an addition;
+* a channel's score is the sum of the absolute relevance ``|R|`` over its positions and the
+  images (their ``relevance.abs()`` summed over batch, height and width), and each layer's
+  scores are divided by their sum (their per-layer normalization for ``lrp``).
 
 It is computed with the "modified gradient" formulation of LRP: on a frozen copy of the model,
 forward hooks keep every layer's output value but replace its gradient by the rule's
 (``y = y0.detach() + (z - z.detach()) * (y0 / z).detach()`` with ``z`` the rule's
-contributions); one backward pass of the explained logit then gives, at any layer output
-``a``, the LRP relevance ``R = a * dlogit/da``. A channel's relevance is read at its producer's
-output (after BatchNorm), summed over positions and images; negative totals (evidence against
-the explained class) are clamped to 0. Coupled groups add the per-layer-normalized relevances
-of their producer outputs.
+contributions); one backward pass of the explained logits, each divided by its own value, then
+gives at any layer output ``a`` the LRP relevance ``R = a * dE/da``. A channel's relevance is
+read at its producer's output (after BatchNorm). Coupled groups add the per-layer-normalized
+scores of their producer outputs.
 
-Deviations from the authors' code (github.com/seulkiyeom/LRP_pruning): they prune iteratively
-with fine-tuning between steps; here relevance is computed once, like every criterion of this
-tool. Their BatchNorm handling passes relevance through unchanged; we fold it instead.
+Deviations from the authors' code: they prune iteratively with fine-tuning between steps; here
+relevance is computed once, like every criterion of this tool. Their BatchNorm handling passes
+relevance through unchanged; we fold it instead. Before the thirteenth session this module
+started from the logit's value, summed signed relevance (clamping negative totals to 0) and
+normalized each layer by its L2 norm.
 """
 
 from __future__ import annotations
@@ -72,7 +80,7 @@ def _with_rule_gradient(value: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class LRPRules:
     """Forward hooks that give every conv / BatchNorm / Linear of ``model`` its LRP backward rule."""
 
-    def __init__(self, model: nn.Module, eps: float = 1e-2) -> None:
+    def __init__(self, model: nn.Module, eps: float = 1e-6) -> None:
         self.model = model
         self.eps = eps
         self.folded: set[nn.Module] = set()  # convs seen feeding a BatchNorm directly (their own rule is unused)
@@ -126,8 +134,11 @@ class LRPRules:
         return zd + (output - zd) * (zd / stab)
 
 
-def lrp_relevance(ctx: ScoringContext, *, eps: float = 1e-2) -> dict[int, dict[str, torch.Tensor]]:
-    """Per prunable group and producer output: summed LRP relevance per channel (may be negative)."""
+def lrp_relevance(ctx: ScoringContext, *, eps: float = 1e-6) -> dict[int, dict[str, torch.Tensor]]:
+    """Per prunable group and producer output: the absolute LRP relevance per channel, summed.
+
+    Each image's explained logit starts with a relevance of 1 (a logit of exactly 0 explains nothing).
+    """
     model = working_copy(ctx)
     groups = ctx.prunable_groups()
     acc: dict[int, dict[str, torch.Tensor]] = {}
@@ -137,10 +148,12 @@ def lrp_relevance(ctx: ScoringContext, *, eps: float = 1e-2) -> dict[int, dict[s
             rules.clear()
             logits = logits_of(model(x.requires_grad_(True))).flatten(1)
             tgt = targets(logits, y)
-            explained = logits.gather(1, tgt[:, None]).sum()
+            chosen = logits.gather(1, tgt[:, None])
+            held = chosen.detach()
+            explained = (chosen * torch.where(held.abs() > TINY, 1 / held, torch.zeros_like(held))).sum()
             grads = grads_of(explained, taps.records)
             for (gid, name, a), (_, _, g) in zip(taps.views(), taps.views(grads), strict=True):
-                r = (a.detach() * g).sum((0, 2)).double().cpu()
+                r = (a.detach() * g).abs().sum((0, 2)).double().cpu()
                 per = acc.setdefault(gid, {})
                 per[name] = per.get(name, 0) + r
             taps.clear()
@@ -158,7 +171,7 @@ class LRP(Criterion):
     )
     needs_data = True
     needs_gradients = True
-    eps = 1e-2
+    eps = 1e-6
 
     def score(self, ctx: ScoringContext) -> Scores:
         require_calib(ctx, self.name)
@@ -166,8 +179,7 @@ class LRP(Criterion):
         for gid, per in lrp_relevance(ctx, eps=self.eps).items():
             total = 0
             for r in per.values():
-                r = r.clamp_min(0)
-                total = total + r / r.norm().clamp_min(1e-30)
+                total = total + r / r.sum().clamp_min(1e-30)
             raw[gid] = total
         return finalize(ctx.groups, raw)
 

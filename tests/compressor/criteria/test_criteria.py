@@ -219,7 +219,11 @@ def test_taylor_uses_labels_when_given():
 
 
 def test_lrp_matches_an_explicit_relevance_propagation():
-    """The modified-gradient LRP equals LRP written out by hand on the tiny residual net."""
+    """The modified-gradient LRP equals LRP written out by hand on the tiny residual net.
+
+    As in the authors' code: a relevance of 1 at each image's explained class, then per-channel
+    sums of the absolute relevance over images and positions.
+    """
     from compressor.criteria.lrp import lrp_relevance
 
     model, x = tiny_model(), images(6)
@@ -235,7 +239,7 @@ def test_lrp_matches_an_explicit_relevance_propagation():
         p = u.mean((2, 3))
         logits = model.fc(p)
         r_logits = torch.zeros_like(logits)
-        r_logits.scatter_(1, logits.argmax(1, keepdim=True), logits.gather(1, logits.argmax(1, keepdim=True)))
+        r_logits.scatter_(1, logits.argmax(1, keepdim=True), 1.0)
         z = logits + eps * torch.where(logits >= 0, 1.0, -1.0)
         r_p = p * ((r_logits / z) @ model.fc.weight)  # epsilon rule
         r_u = u / u.sum((2, 3), keepdim=True).clamp_min(1e-30) * r_p[:, :, None, None]  # average pool
@@ -249,8 +253,16 @@ def test_lrp_matches_an_explicit_relevance_propagation():
         r_cols = (share * r_s.flatten(2)[:, :, None, :]).sum(1)  # N x 36 x L
         r_y = F.fold(r_cols, y.shape[2:], 3, padding=1)
 
-    torch.testing.assert_close(got[1]["bn1"].float(), r_y.sum((0, 2, 3)), rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(got[0]["bn2"].float(), r_s.sum((0, 2, 3)), rtol=1e-3, atol=1e-4)
+    assert (r_y < 0).any() and (r_s < 0).any()  # so the absolute value is tested, not a no-op
+    torch.testing.assert_close(got[1]["bn1"].float(), r_y.abs().sum((0, 2, 3)), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(got[0]["bn2"].float(), r_s.abs().sum((0, 2, 3)), rtol=1e-3, atol=1e-5)
+
+
+def test_lrp_normalizes_each_layer_by_its_sum():
+    """Per-layer L1 normalization (the authors' code): a group read at one producer sums to 1, at two, to 2."""
+    s = get_criterion("lrp").score(context())
+    torch.testing.assert_close(float(s[1].sum()), 1.0, rtol=1e-5, atol=0)  # inner group: bn1
+    torch.testing.assert_close(float(s[0].sum()), 2.0, rtol=1e-5, atol=0)  # residual group: bn0 and bn2
 
 
 def _enumerated_shapley(model: nn.Module, group: ChannelGroup, x: torch.Tensor) -> torch.Tensor:
