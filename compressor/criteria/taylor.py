@@ -1,11 +1,13 @@
 """``taylor``: first-order Taylor importance of each channel (Molchanov et al., CVPR 2019).
 
 The change of the loss when channel ``c`` is removed is approximated to first order by the
-gradient w.r.t. a gate on the channel, ``z_c = sum_{h,w} a_c * dL/da_c``. Following the paper
-(importance ``(sum_s g_s w_s)^2`` per minibatch, averaged), we square the gate gradient; we do so
-per image (a minibatch of one) and average over the calibration images, which makes the result
-independent of the batch size. The activation is read after BatchNorm (the paper puts its gates
-there); coupled residual groups add the importance of every producer output.
+gradient w.r.t. a gate on the channel, ``z_c = sum_{h,w} a_c * dL/da_c``, and squared. The
+paper's main score squares the gate gradient of each minibatch (``(sum_s g_s w_s)^2``, method 22,
+"Taylor_gate", in the authors' code, github.com/NVlabs/Taylor_pruning ``pruning_engine.py``); its
+"FG" variant (method 23, "Taylor FO-FG" in the paper's Tables 1 and 2) squares each example's
+gradient. We use the per-example variant, averaged over the calibration images, which makes the
+result independent of the batch size. The activation is read after BatchNorm (the paper's "gate
+after BN"); coupled residual groups add the importance of every producer output.
 
 Label-free by default: the loss is the cross-entropy against the model's own argmax prediction;
 ``ctx.labels`` replaces those targets when given.
