@@ -65,7 +65,10 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError) as exc:
+    except UnidentifiedImageError as exc:  # its message names the in-memory buffer, not the file
+        raise CompressorError(f"cannot read image {name!r} (not an image format Pillow can decode); "
+                              "remove it or fix the file") from exc
+    except OSError as exc:
         raise CompressorError(f"cannot read image {name!r} ({exc}); remove it or fix the file") from exc
     if img.mode in ("P", "CMYK", "YCbCr", "LA", "I;16", "I", "F"):
         img = img.convert("RGB" if img.mode in ("P", "CMYK", "YCbCr") else "L")

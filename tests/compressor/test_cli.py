@@ -102,7 +102,7 @@ def _assert_failed_cleanly(result, code, out):
     [("missing_model", 1, "does not exist"), ("corrupt_model", 1, "not a PyTorch file"),
      ("pickle_untrusted", 1, "--trust-pickle"), ("weights_mismatch", 1, "do not fit"),
      ("budget_zero", 2, "50%flops"), ("budget_150", 2, "50%flops"), ("budget_fast", 2, "not understood"),
-     ("empty_calib", 1, "holds no images"), ("unreadable_calib", 1, "cannot read image"),
+     ("empty_calib", 1, "holds no images"), ("unreadable_calib", 1, "not an image format Pillow can decode"),
      ("gray_images", 1, "channel"), ("rejected_shape", 1, "--input-shape"), ("nan_weights", 1, "NaN"),
      ("unwritable_out", 1, "cannot write"), ("out_not_empty", 1, "--force"),
      ("value_branch", 1, "data-dependent control flow"),
