@@ -189,7 +189,8 @@ def load_images(
     if limit is not None and limit < len(entries):
         order = torch.randperm(len(entries), generator=torch.Generator().manual_seed(seed))[:limit]
         entries = [entries[i] for i in sorted(order.tolist())]
-    bar = partial(tqdm, desc=f"reading {what} images", disable=not progress, leave=False, unit="img")
+    # disable=None: no bar where stderr is not a terminal (CI logs), only the pipeline's stage lines
+    bar = partial(tqdm, desc=f"reading {what} images", disable=None if progress else True, leave=False, unit="img")
     raw = source.read_all(entries, bar)
     arrays = [_decode(raw[e], e) for e in entries]
     images = _stack(arrays, input_shape, mean, std, what)

@@ -26,6 +26,13 @@ def test_folder_labels_resize_and_normalize(tmp_path):
     assert torch.allclose(data.images[0], torch.zeros(3, 8, 8))
 
 
+def test_no_progress_bar_in_a_log(tmp_path, capsys):
+    """Where stderr is not a terminal (a CI log), reading images writes no progress bar."""
+    _write(tmp_path)
+    load_images(tmp_path, input_shape=(3, 8, 8), progress=True)
+    assert "reading" not in capsys.readouterr().err
+
+
 def test_resize_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
     ramp = np.tile(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (8, 1, 3))  # 8 high, 16 wide
     Image.fromarray(ramp).save(tmp_path / "wide.png")
