@@ -41,7 +41,8 @@ class CompressConfig:
             (measured recoverability), "criterion" (widths proposed by the criterion).
         ignore: Module-name globs never pruned.
         min_channels: Per-group floor of kept channels (None: sensible default).
-        align: Round widths to the device's channel alignment (None: on for GPU targets).
+        align: Round every group's width to the device's channel alignment; False: any width (None:
+            every group on GPU targets, the groups of 32 or more channels on a CPU).
         device: ``cpu``, ``cuda`` or a profile name / alias (e.g. ``jetson``).
         fp16: Time CUDA latency in half precision.
         batch_size: Batch size of the latency measurement.

@@ -26,6 +26,7 @@ def build_graph(
     ignore: Sequence[str] = (),
     min_channels: int = 1,
     round_to: int = 1,
+    round_min_channels: int = 0,
     rewrite: bool = True,
     check_ops: bool = True,
     verify: bool = False,
@@ -37,6 +38,8 @@ def build_graph(
             group touching such a module is left whole ("ignored by --ignore").
         min_channels: per-group floor of the kept count (clipped to the group size).
         round_to: kept counts must be multiples of this (device alignment).
+        round_min_channels: only groups of at least this many channels are rounded to ``round_to``;
+            narrower ones keep any count (0: every group).
         rewrite: map channel-dim zero padding through ChannelScatter (turning it off is only
             for tests demonstrating what the check catches).
         check_ops: apply the trust checks on the ops torch-pruning handled (tests only).
@@ -168,7 +171,7 @@ def build_graph(
             if all(len(t) == 1 for t in link.indices) and not isinstance(objs[(link.module, link.kind)], ChannelScatter)
         ]
         group = ChannelGroup(id=gid, root=root_name, size=size, members=members)
-        group.multiple = max(1, int(round_to))
+        group.multiple = max(1, int(round_to)) if size >= round_min_channels else 1
         floor = int(min_channels)
         partitions = set()
         for link in links:

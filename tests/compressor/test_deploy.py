@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -24,3 +25,41 @@ def test_search_times_onnxruntime_as_the_report_does(monkeypatch):
     assert seen["backend"] == "onnxruntime" == deploy.primary_backend(deploy.resolve_target("cpu", None))
     # compare_latency (the report) times onnxruntime sessions without busy-waiting threads; so must the search
     assert seen["spinning"] is False
+
+
+def test_cpu_alignment_default_rounds_the_wide_groups_only():
+    default, every, none = (deploy.resolve_target("cpu", align) for align in (None, True, False))
+    assert (default.alignment, default.align_min_channels) == (deploy.CPU_ALIGNMENT, deploy.CPU_ALIGN_MIN_CHANNELS)
+    assert (every.alignment, every.align_min_channels) == (8, 0)
+    assert none.alignment == 1
+    gpu = deploy.resolve_target("jetson", None)
+    assert gpu.alignment > 1 and gpu.align_min_channels == 0  # GPU profiles: every group, as before
+
+
+@pytest.mark.parametrize("max_share", [None, 0.03])
+def test_cpu_default_leaves_coarse_alignment_steps_free(monkeypatch, max_share):
+    """A group stays aligned only where 8 channels cost at most CPU_ALIGN_MAX_STEP_SHARE of the MACs."""
+    import torchvision
+
+    from compressor import graph as G
+
+    if max_share is not None:
+        monkeypatch.setattr(deploy, "CPU_ALIGN_MAX_STEP_SHARE", max_share)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    target = deploy.resolve_target("cpu", None)
+    graph = G.build_graph(model, torch.randn(1, 3, 64, 64), round_to=target.alignment,
+                          round_min_channels=target.align_min_channels)
+    released = deploy.relax_coarse_alignment(graph, target)
+    full = {g.id: g.size for g in graph.groups}
+    total = G.estimate_macs(graph, full)
+    for g in graph.groups:
+        if g.size < target.align_min_channels:
+            continue
+        share = -G.estimate_macs_change(graph, full, g.id, g.size - 8) / total
+        assert (g.root in released) == (share > deploy.CPU_ALIGN_MAX_STEP_SHARE)
+        assert g.multiple == (1 if g.root in released else 8)
+    # the stem's 64-channel residual group: 8 channels move 4.4% of the MACs; every other group under 1.6%
+    assert released == ([] if max_share is None else ["conv1"])
+    every = deploy.resolve_target("cpu", True)  # --align: every group, however coarse
+    graph = G.build_graph(model, torch.randn(1, 3, 64, 64), round_to=8)
+    assert deploy.relax_coarse_alignment(graph, every) == []

@@ -268,6 +268,17 @@ def test_ignore_globs(resnet18):
     assert any(g.reason == "ignored by --ignore" for g in graph.excluded)
 
 
+def test_round_min_channels_leaves_narrow_groups_free(resnet18):
+    """The CPU default's alignment: only groups of at least ``round_min_channels`` are rounded."""
+    model, _ = resnet18
+    graph = G.build_graph(model, torch.randn(1, 3, 64, 64), round_to=8, round_min_channels=128)
+    sizes = {g.size for g in graph.groups}
+    assert min(sizes) < 128 <= max(sizes)  # resnet18 has both kinds
+    for g in graph.groups:
+        assert g.multiple == (8 if g.size >= 128 else 1)
+        assert g.single_allowed == (g.size >= 128)
+
+
 def test_min_channels_and_round_to(resnet18):
     model, _ = resnet18
     aligned = G.build_graph(model, torch.randn(1, 3, 64, 64), round_to=8)

@@ -51,16 +51,22 @@ def test_estimates_and_incomplete_blocks_get_no_note():
     (1, (0.648, 0.70), (0.776, 0.80), "onnxruntime", True),  # mobilenet_v2 at 40% unaligned: 0.83x
     (1, (1.049, 1.10), (0.979, 1.02), "onnxruntime", True),  # resnet18 at 40% unaligned: 1.07x
     (8, (0.648, 0.70), (0.776, 0.80), "onnxruntime", False),  # already aligned: nothing to suggest
+    ((8, 32), (0.648, 0.70), (0.776, 0.80), "onnxruntime", True),  # the CPU default: narrow groups unaligned
+    ((8, 32), (0.646, 0.70), (0.288, 0.30), "onnxruntime", False),  # ... with a real speed-up
     (1, (0.646, 0.70), (0.288, 0.30), "onnxruntime", False),  # a real speed-up (2.24x)
     (1, (0.648, 0.70), (0.776, 0.80), "torch", False),  # the hint is about onnxruntime's CPU kernels
     (None, (0.648, 0.70), (0.776, 0.80), "onnxruntime", False),  # no alignment recorded (older reports)
     (1, (0.180, 0.21), (0.175, 0.20), "onnxruntime", False),  # the demo network: overhead-bound, widths moot
 ])
 def test_alignment_hint_when_unaligned_widths_bought_no_speed_up(alignment, original, pruned, backend, noted):
-    extra = {} if alignment is None else {"channel_alignment": alignment}
+    multiple, narrow = alignment if isinstance(alignment, tuple) else (alignment, 0)
+    extra = {} if alignment is None else {"channel_alignment": multiple, "channel_alignment_min_channels": narrow}
     lat = {**_latency(original, pruned, **extra), "backend": backend}
-    assert any("try --align" in line for line in _report(lat).summary_lines()) == noted
+    lines = [line for line in _report(lat).summary_lines() if "try --align" in line]
+    assert bool(lines) == noted
     assert ("try --align" in render_markdown(_report(lat).data)) == noted
+    if noted:
+        assert ("groups under 32 channels kept any width" in lines[0]) == (narrow == 32)
 
 
 def test_no_alignment_hint_for_estimates():
