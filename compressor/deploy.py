@@ -38,13 +38,13 @@ class Target:
 # The CPU default rounds to multiples of CPU_ALIGNMENT only the groups of CPU_ALIGN_MIN_CHANNELS or
 # more channels where one step of CPU_ALIGNMENT channels moves at most CPU_ALIGN_MAX_STEP_SHARE of the
 # network's MACs. onnxruntime's blocked CPU kernels want multiples of 8, and unaligned widths made
-# pruned models slower (a CIFAR MobileNetV2 at 50% FLOPs: 0.64x); rounding every group cost ResNet-56,
+# pruned models slower (a CIFAR MobileNetV2 at 50% FLOPs: 0.64x). Rounding every group cost ResNet-56,
 # whose 16-channel layers could keep only 1, 8 or 16 channels, 0.4 / 0.8 points at 50% / 40% FLOPs
-# (three seeds, eleventh session);
-# and on the test suite's small network, whose 32-channel group moves 24% of the MACs per 8 channels,
-# it kept 27% of the FLOPs at a 50% budget. Whole runs with this default (thirteenth session, seed 0,
-# 1,024 images; README, devices section): ResNet-56 85.82% / 84.72% at 1.34x / 1.36x (unaligned
-# 85.86% / 85.14% at 1.10x / 1.25x), the MobileNetV2 76.10% at 1.27x (unaligned 76.46% at 0.64x).
+# (three seeds, eleventh session); and the test suite's small network, whose 32-channel group moves 24%
+# of the MACs per 8 channels, kept 27% of its FLOPs at a 50% budget. Whole runs with this default
+# (thirteenth session, seed 0, 1,024 images; README, devices section): ResNet-56 85.82% / 84.72% at
+# 1.34x / 1.36x (unaligned 85.86% / 85.14% at 1.10x / 1.25x), the MobileNetV2 76.10% at 1.27x
+# (unaligned 76.46% at 0.64x).
 CPU_ALIGNMENT = 8
 CPU_ALIGN_MIN_CHANNELS = 32
 CPU_ALIGN_MAX_STEP_SHARE = 0.05  # ResNet-56: inner groups 0.4-0.9% a step, residual streams 4.0% and 8.2%
