@@ -189,7 +189,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
             model, example, ignore=config.ignore, min_channels=config.min_channels or 1,
             round_to=target.alignment, round_min_channels=target.align_min_channels,
         )
-    deploy.relax_coarse_alignment(graph, target)
+        deploy.relax_coarse_alignment(graph, target)
     original = graph.model
     for g in graph.excluded:
         stages.note(f"left unpruned: {g.root} ({g.size} channels): {g.reason}")
