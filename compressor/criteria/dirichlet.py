@@ -12,9 +12,14 @@ the calibration batches (``lr`` 0.1; batches small enough for at least ~8 steps)
 score is its expected weight ``E[phi_c] = alpha_c / sum(alpha)`` (times the group size).
 
 The gates sit on the producer outputs after BatchNorm (every producer output of a coupled
-group gets the same sample). Initialization ``alpha = 10`` (gate noise std about 0.3) and the
-prior ``alpha_0 = 1`` are our choices; the paper fits alphas jointly with a short fine-tuning
-schedule, here the budget is one pass over the calibration data with the network frozen.
+group gets the same sample), so a gate of 0 removes the channel as pruning does. The authors' code
+puts its switch on the convolution's output, before BatchNorm; that placement ranked worse here
+(global ranking, default recovery, 50% FLOPs: ResNet-56 75.4% against 78.1% with 1,024 images,
+ResNet-20 66.5% against 67.2% with 1,024 and 55.2% against 57.4% with 32).
+
+Initialization ``alpha = 10`` (gate noise std about 0.3) and the prior ``alpha_0 = 1`` are our
+choices; the paper fits alphas jointly with a short fine-tuning schedule, here the budget is one
+pass over the calibration data with the network frozen.
 """
 
 from __future__ import annotations
