@@ -121,6 +121,17 @@ def busy_machine_note(lat: dict[str, Any]) -> str | None:
             "measured: these latencies are not reliable; measure on an otherwise idle machine (one compress at a time)")
 
 
+def budget_note(budget: dict[str, Any]) -> str | None:
+    """A warning when the report's latency measurement misses the latency or speed-up budget."""
+    if budget.get("met", True):
+        return None
+    measured = budget["measured"]
+    got = f"{measured:.2f}x" if budget["kind"] == "speedup" else f"{measured:.3f} ms"
+    return (f"the final latency measurement gives {got}, short of the budget {budget['text']} that the width search "
+            "met: timings on this machine vary between measurements; re-run on an idle machine, raise --iters, "
+            "or ask for a margin")
+
+
 def latency_notes(lat: dict[str, Any]) -> list[str]:
     """The notes that go with a latency block: busy machine, measurement spread, channel alignment, launch overhead."""
     notes = (busy_machine_note(lat), latency_spread_note(lat), alignment_note(lat), launch_note(lat))
@@ -162,6 +173,8 @@ class Report:
                 f"speed-up {lat['speedup']:.2f}x"
             )
             lines += [f"note: {note}" for note in latency_notes(lat)]
+        if budget_note(d["budget"]):
+            lines.append(f"note: {budget_note(d['budget'])}")
         excluded = d["soundness"]["excluded_groups"]
         if excluded:
             lines.append(f"{len(excluded)} group(s) left unpruned: " + "; ".join(
@@ -224,7 +237,7 @@ def render_markdown(d: dict[str, Any]) -> str:
             ms = lat[f"{name}_ms"]
             out.append(f"| {name} | {_fmt(ms['p50'])} | {_fmt(ms['p90'])} | {_fmt(ms['p99'])} |")
         out += ["", f"Speed-up: **{lat['speedup']:.2f}x**."]
-        for note in latency_notes(lat):
+        for note in latency_notes(lat) + [n for n in (budget_note(d["budget"]),) if n]:
             out += ["", f"Note: {note[0].upper()}{note[1:]}."]
     for extra in d.get("latency_other", []):
         out.append(f"- also {extra['backend']} on {extra['device']}: {extra['original_ms']['p50']:.3f} -> "

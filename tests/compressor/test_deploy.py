@@ -63,3 +63,27 @@ def test_cpu_default_leaves_coarse_alignment_steps_free(monkeypatch, max_share):
     every = deploy.resolve_target("cpu", True)  # --align: every group, however coarse
     graph = G.build_graph(model, torch.randn(1, 3, 64, 64), round_to=8)
     assert deploy.relax_coarse_alignment(graph, every) == []
+
+
+def test_speedup_budget_times_each_candidate_against_the_original(monkeypatch, tmp_path):
+    """A drifting machine: the original took 3.2 ms at the search's start, 2.5 ms beside the candidate."""
+    calls = []
+
+    def fake_compare(original, pruned, example, **kwargs):
+        calls.append((original, pruned, kwargs))
+        return {"original_ms": {"p50": 2.5}, "pruned_ms": {"p50": 2.0}, "speedup": 1.25}
+
+    monkeypatch.setattr(latency, "compare_latency", fake_compare)
+    config = CompressConfig(model="x.py:Net", budget="1.5x", out=Path("unused"), iters=7)
+    target = deploy.resolve_target("cpu", None)
+    original, candidate = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 2, 3)
+    notes = []
+    timer = deploy._paired_timer(config, target, torch.randn(1, 3, 8, 8), original, 3.2, tmp_path, notes.append)
+    ms = timer(candidate)
+    # in the first measurement's units, so that the search compares it with 3.2 / 1.5 ms: 1.25x misses 1.5x
+    assert ms == pytest.approx(3.2 / 1.25) and ms > 3.2 / 1.5
+    reference, timed, kwargs = calls[0]
+    assert timed is candidate and kwargs["backend"] == "onnxruntime" and kwargs["iters"] == 7
+    assert Path(reference) == tmp_path / "original.onnx" and Path(reference).is_file()  # exported once
+    timer(candidate)
+    assert calls[1][0] == reference and "1.25x" in notes[0]

@@ -113,3 +113,27 @@ def test_busy_machine_note(others, estimate, noted):
     assert ("not reliable" in render_markdown(_report(lat).data)) == noted
     if noted:
         assert any("1.9 of 2 CPU cores" in line for line in lines)
+
+
+@pytest.mark.parametrize(("text", "kind", "target", "met"), [
+    ("1.5x", "speedup", 1.5, False),  # the final measurement: 2.48 -> 1.94 ms, 1.28x
+    ("1.2x", "speedup", 1.2, True),
+    ("2ms", "latency_ms", 2.0, True),  # pruned p50 1.94 ms
+    ("1.9ms", "latency_ms", 1.9, False),
+])
+def test_budget_note_when_the_final_measurement_misses_a_latency_budget(text, kind, target, met):
+    from compressor.budget import Budget
+    from compressor.pipeline import final_budget_check
+
+    lat = _latency((2.48, 2.60), (1.94, 2.05))
+    report = _report(lat)
+    budget = {"text": text, "kind": kind, "target": target}
+    budget.update(final_budget_check(Budget(kind, target, text), lat))
+    report.data["budget"] = budget
+    assert budget["met"] is met
+    assert budget["measured"] == pytest.approx(lat["speedup"] if kind == "speedup" else 1.94)
+    lines = report.summary_lines()
+    assert any(f"short of the budget {text}" in line for line in lines) == (not met)
+    assert (f"short of the budget {text}" in render_markdown(report.data)) == (not met)
+    if not met:
+        assert any("1.28x" in line or "1.940 ms" in line for line in lines)
