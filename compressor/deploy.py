@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _latency_timer(config: CompressConfig, target: Target, example: torch.Tensor
 
 
 def _paired_timer(config: CompressConfig, target: Target, example: torch.Tensor, original: nn.Module,
-                  reference_ms: float, folder: Path, note):
+                  reference_ms: float, folder: Path, note: Callable[[str], None]) -> Callable[[nn.Module], float]:
     """A timer for speed-up budgets: each candidate is timed in alternation with the original.
 
     A speed-up compares two timings, and a shared CPU's speed drifts between them: a search that

@@ -173,8 +173,9 @@ class Report:
                 f"speed-up {lat['speedup']:.2f}x"
             )
             lines += [f"note: {note}" for note in latency_notes(lat)]
-        if budget_note(d["budget"]):
-            lines.append(f"note: {budget_note(d['budget'])}")
+        missed = budget_note(d["budget"])
+        if missed:
+            lines.append(f"note: {missed}")
         excluded = d["soundness"]["excluded_groups"]
         if excluded:
             lines.append(f"{len(excluded)} group(s) left unpruned: " + "; ".join(
@@ -237,7 +238,11 @@ def render_markdown(d: dict[str, Any]) -> str:
             ms = lat[f"{name}_ms"]
             out.append(f"| {name} | {_fmt(ms['p50'])} | {_fmt(ms['p90'])} | {_fmt(ms['p99'])} |")
         out += ["", f"Speed-up: **{lat['speedup']:.2f}x**."]
-        for note in latency_notes(lat) + [n for n in (budget_note(d["budget"]),) if n]:
+        notes = latency_notes(lat)
+        missed = budget_note(d["budget"])
+        if missed:
+            notes.append(missed)
+        for note in notes:
             out += ["", f"Note: {note[0].upper()}{note[1:]}."]
     for extra in d.get("latency_other", []):
         out.append(f"- also {extra['backend']} on {extra['device']}: {extra['original_ms']['p50']:.3f} -> "
