@@ -54,7 +54,8 @@ from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shar
 
 RECIPES = {"none": [], "bn": ["bn"], "bias+bn": ["bias", "bn"], "lsq": ["lsq"], "bn+lsq": ["bn", "lsq"],
            "lsq+mimic": ["lsq", "mimic"], "bn+lsq+mimic": ["bn", "lsq", "mimic"], "lsq+block": ["lsq", "block"],
-           "lsq_block": ["lsq_block"], "lsq+block+mimic": ["lsq", "block", "mimic"]}
+           "lsq_block": ["lsq_block"], "lsq+block+mimic": ["lsq", "block", "mimic"],
+           "lsq+block+block": ["lsq", "block", "block"]}
 DEFAULT_ROWS = ("none", "bn", "bias+bn", "lsq", "bn+lsq", "lsq+block")  # mimic: minutes a cell on a CPU
 CALIB_SIZES = (64, 256, 1024)
 RATIOS = (0.5, 0.4)
