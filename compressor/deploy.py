@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +99,13 @@ def resolve_target(device: str, align: bool | None) -> Target:
     return Target(profile.name, False, "cuda", 1 if align is False else int(alignment), profile)
 
 
-def search(config: CompressConfig, budget: Budget, target: Target, graph, scores, criterion, ctx, calib, stages):
-    """Per-group kept counts meeting ``budget``, and the candidates considered (for the plots)."""
+def search(config: CompressConfig, budget: Budget, target: Target, graph, scores, criterion, ctx, calib, stages,
+           original_onnx: Path | None = None):
+    """Per-group kept counts meeting ``budget``, and the candidates considered (for the plots).
+
+    ``original_onnx``: the original's ONNX export where already written; onnxruntime then times
+    that file instead of exporting the original again for every measurement.
+    """
     allocation = config.allocation_for(calib is not None)
     images = calib.images if calib is not None else None
     kwargs = {"criterion": criterion, "ctx": ctx, "calib": images}
@@ -114,15 +118,15 @@ def search(config: CompressConfig, budget: Budget, target: Target, graph, scores
         )
     example = graph.example_input.repeat(config.batch_size, 1, 1, 1)
     timer = _latency_timer(config, target, example)
-    original_ms = timer(graph.model)
+    reference = original_onnx if original_onnx is not None and primary_backend(target) == "onnxruntime" else graph.model
+    original_ms = timer(reference)
     target_ms = budget.target if budget.kind == "latency_ms" else original_ms / budget.target
     stages.note(f"original latency {original_ms:.3f} ms; target {target_ms:.3f} ms")
-    with tempfile.TemporaryDirectory(prefix="compressor-search-") as folder:
-        if budget.kind == "speedup":
-            timer = _paired_timer(config, target, example, graph.model, original_ms, Path(folder), stages.note)
-        counts, candidates = widths.latency_widths(
-            allocation, graph, scores, target_ms, timer, progress=stages.note, **kwargs
-        )
+    if budget.kind == "speedup":
+        timer = _paired_timer(config, target, example, reference, original_ms, stages.note)
+    counts, candidates = widths.latency_widths(
+        allocation, graph, scores, target_ms, timer, progress=stages.note, **kwargs
+    )
     for c in candidates:
         c["original_ms"] = original_ms
         c["target_ms"] = target_ms
@@ -151,8 +155,8 @@ def _latency_timer(config: CompressConfig, target: Target, example: torch.Tensor
     return timer
 
 
-def _paired_timer(config: CompressConfig, target: Target, example: torch.Tensor, original: nn.Module,
-                  reference_ms: float, folder: Path, note: Callable[[str], None]) -> Callable[[nn.Module], float]:
+def _paired_timer(config: CompressConfig, target: Target, example: torch.Tensor, original: nn.Module | Path,
+                  reference_ms: float, note: Callable[[str], None]) -> Callable[[nn.Module], float]:
     """A timer for speed-up budgets: each candidate is timed in alternation with the original.
 
     A speed-up compares two timings, and a shared CPU's speed drifts between them: a search that
@@ -160,18 +164,14 @@ def _paired_timer(config: CompressConfig, target: Target, example: torch.Tensor,
     measured at 1.28x against a 1.5x budget, with the original at 2.48 ms. So each candidate is
     timed against the original in the same alternating rounds as the report (``compare_latency``),
     and its latency is returned in the first measurement's units: ``reference_ms / speed-up``.
+    ``original``: the module, or its ONNX export for onnxruntime.
     """
     from export.latency import compare_latency
 
     backend = primary_backend(target)
-    reference = original
-    if backend == "onnxruntime":
-        from export.onnx import export_onnx
-
-        reference = export_onnx(original, example[:1], folder / "original.onnx")  # once, not per candidate
 
     def timer(model: nn.Module) -> float:
-        result = compare_latency(reference, model, example, device=target.torch_device, backend=backend,
+        result = compare_latency(original, model, example, device=target.torch_device, backend=backend,
                                  fp16=config.fp16, warmup=config.warmup, iters=config.iters)
         note(f"timed in alternation with the original: {result['original_ms']['p50']:.3f} -> "
              f"{result['pruned_ms']['p50']:.3f} ms, {result['speedup']:.2f}x")

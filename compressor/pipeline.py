@@ -198,8 +198,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
     acc = {}
     eval_backends: set[str] = set()
-    original_onnx = None  # its export serves the evaluation and the latency comparison; removed at the end
-    if evaluation is not None or config.latency:
+    original_onnx = None  # its export serves the evaluation, the latency search and comparison; removed at the end
+    if evaluation is not None or config.latency or budget.kind != "flops":
         # first, so that a model no ONNX file can represent stops here, not after the pruning and recovery
         with stages.stage("export_original", "exporting the original model to ONNX"):
             original_onnx = _export_or_none(original, example, tmp / ".work" / "original.onnx")
@@ -213,7 +213,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         )
         scores = criterion.score(ctx)
     with stages.stage("search", f"searching widths for {budget.text}"):
-        counts, candidates = deploy.search(config, budget, target, graph, scores, criterion, ctx, calib, stages)
+        counts, candidates = deploy.search(config, budget, target, graph, scores, criterion, ctx, calib, stages,
+                                           original_onnx=original_onnx)
     plan = widths.make_plan(graph, scores, counts)
     with stages.stage("prune", "removing channels"):
         pruned = graph_mod.apply_plan(graph, plan)

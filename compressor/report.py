@@ -132,9 +132,11 @@ def budget_note(budget: dict[str, Any]) -> str | None:
             "or ask for a margin")
 
 
-def latency_notes(lat: dict[str, Any]) -> list[str]:
-    """The notes that go with a latency block: busy machine, measurement spread, channel alignment, launch overhead."""
-    notes = (busy_machine_note(lat), latency_spread_note(lat), alignment_note(lat), launch_note(lat))
+def latency_notes(lat: dict[str, Any], budget: dict[str, Any] | None = None) -> list[str]:
+    """The notes that go with a latency block: busy machine, measurement spread, channel alignment, launch
+    overhead, and a latency budget the final measurement missed."""
+    notes = (busy_machine_note(lat), latency_spread_note(lat), alignment_note(lat), launch_note(lat),
+             budget_note(budget or {}))
     return [note for note in notes if note]
 
 
@@ -172,10 +174,7 @@ class Report:
                 f"{lat['original_ms']['p50']:.3f} ms -> {lat['pruned_ms']['p50']:.3f} ms (p50), "
                 f"speed-up {lat['speedup']:.2f}x"
             )
-            lines += [f"note: {note}" for note in latency_notes(lat)]
-        missed = budget_note(d["budget"])
-        if missed:
-            lines.append(f"note: {missed}")
+            lines += [f"note: {note}" for note in latency_notes(lat, d["budget"])]
         excluded = d["soundness"]["excluded_groups"]
         if excluded:
             lines.append(f"{len(excluded)} group(s) left unpruned: " + "; ".join(
@@ -238,11 +237,7 @@ def render_markdown(d: dict[str, Any]) -> str:
             ms = lat[f"{name}_ms"]
             out.append(f"| {name} | {_fmt(ms['p50'])} | {_fmt(ms['p90'])} | {_fmt(ms['p99'])} |")
         out += ["", f"Speed-up: **{lat['speedup']:.2f}x**."]
-        notes = latency_notes(lat)
-        missed = budget_note(d["budget"])
-        if missed:
-            notes.append(missed)
-        for note in notes:
+        for note in latency_notes(lat, d["budget"]):
             out += ["", f"Note: {note[0].upper()}{note[1:]}."]
     for extra in d.get("latency_other", []):
         out.append(f"- also {extra['backend']} on {extra['device']}: {extra['original_ms']['p50']:.3f} -> "

@@ -76,14 +76,15 @@ def test_speedup_budget_times_each_candidate_against_the_original(monkeypatch, t
     monkeypatch.setattr(latency, "compare_latency", fake_compare)
     config = CompressConfig(model="x.py:Net", budget="1.5x", out=Path("unused"), iters=7)
     target = deploy.resolve_target("cpu", None)
-    original, candidate = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 2, 3)
+    original, candidate = tmp_path / "original.onnx", nn.Conv2d(3, 2, 3)
+    original.write_bytes(b"")  # the pipeline's export of the original, timed as it is
     notes = []
-    timer = deploy._paired_timer(config, target, torch.randn(1, 3, 8, 8), original, 3.2, tmp_path, notes.append)
+    timer = deploy._paired_timer(config, target, torch.randn(1, 3, 8, 8), original, 3.2, notes.append)
     ms = timer(candidate)
     # in the first measurement's units, so that the search compares it with 3.2 / 1.5 ms: 1.25x misses 1.5x
     assert ms == pytest.approx(3.2 / 1.25) and ms > 3.2 / 1.5
     reference, timed, kwargs = calls[0]
     assert timed is candidate and kwargs["backend"] == "onnxruntime" and kwargs["iters"] == 7
-    assert Path(reference) == tmp_path / "original.onnx" and Path(reference).is_file()  # exported once
+    assert Path(reference) == tmp_path / "original.onnx" and Path(reference).is_file()  # the existing export
     timer(candidate)
     assert calls[1][0] == reference and "1.25x" in notes[0]
