@@ -175,12 +175,12 @@ def run(config: CompressConfig) -> Report:
 def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp: Path) -> Report:
     from compressor import deploy
 
+    target = deploy.resolve_target(config.device, config.align)  # a mistyped --device fails before any reading
     model, calib, evaluation, input_shape = load_inputs(config, stages)
     example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
     output = _check_model_accepts(model, example)
     for data, option in ((evaluation, "--eval"), (calib if config.labels else None, "--calib (with --labels)")):
         _check_classes(data, output.shape[1], option, stages)
-    target = deploy.resolve_target(config.device, config.align)
     criterion = get_criterion(config.criterion_for(len(calib.images) if calib is not None else 0))
     if criterion.needs_data and calib is None:
         raise CompressorError(f"criterion {criterion.name!r} needs calibration data; pass --calib or choose l1")

@@ -106,7 +106,8 @@ def _assert_failed_cleanly(result, code, out):
      ("gray_images", 1, "channel"), ("rejected_shape", 1, "--input-shape"), ("nan_weights", 1, "NaN"),
      ("unwritable_out", 1, "cannot write"), ("out_not_empty", 1, "--force"),
      ("value_branch", 1, "data-dependent control flow"),
-     ("eval_classes", 1, "--eval has 4 class folders but the model has 2 outputs")],
+     ("eval_classes", 1, "--eval has 4 class folders but the model has 2 outputs"),
+     ("device_typo", 1, "unknown device profile 'jetsn'")],
 )
 def test_bad_input_fails_with_one_line(workspace, case, code, words):
     ws = workspace
@@ -158,6 +159,11 @@ def test_bad_input_fails_with_one_line(workspace, case, code, words):
     elif case == "eval_classes":  # labels are folder indices: more folders than outputs cannot be right
         (ws / "net.py").write_text(NET_SOURCE.replace("nn.Linear(32, 4)", "nn.Linear(32, 2)"))
         args += ["--eval", ws / "calib"]
+    elif case == "device_typo":  # found before the (here unreadable) data is read
+        (ws / "junk").mkdir()
+        (ws / "junk" / "a.jpg").write_bytes(b"not a jpeg")
+        args[4] = ws / "junk"
+        args += ["--device", "jetsn"]
     elif case == "value_branch":  # a trace would record one path; the run must not write that ONNX file
         (ws / "net.py").write_text(VALUE_BRANCH_SOURCE)
         args += ["--no-latency"]
