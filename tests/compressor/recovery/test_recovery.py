@@ -739,9 +739,11 @@ def test_block_never_crops_a_block_whose_output_depends_on_the_whole_image():
     assert pooled >= 10 and cropped >= 2, (pooled, cropped)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ["resnet18", "plain"])
-def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradients(arch):
-    """The steps run each conv and its eval-mode BatchNorm as one convolution; nothing else may change."""
+def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradients(arch, bf16):
+    """The steps run each conv and its eval-mode BatchNorm as one convolution; nothing else may change
+    (in bfloat16, nothing beyond its rounding: about 3 significant digits, float32 in and out)."""
     import torchvision
     from conftest import randomize_bn
     from torch import fx
@@ -758,7 +760,7 @@ def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradien
     gm = fx.symbolic_trace(randomize_bn(model).eval())
     folded_pairs = 0
     for start, body in blockwise.find_blocks(gm):
-        fused = blockwise._fold_batchnorm(gm, body)
+        fused = blockwise._fold_batchnorm(gm, body, bf16)
         folded_pairs += len(fused) // 2
         convs = [gm.get_submodule(n.target) for n in body
                  if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
@@ -773,14 +775,29 @@ def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradien
             grads = [None if c.weight.grad is None else c.weight.grad.clone() for c in convs]
             results.append((out.detach(), grads))
         (out_plain, grads_plain), (out_fused, grads_fused) = results
-        torch.testing.assert_close(out_fused, out_plain, rtol=1e-4, atol=1e-4 * float(out_plain.abs().max()))
+        assert out_fused.dtype == torch.float32
+        tol = 5e-2 if bf16 else 1e-4
+        torch.testing.assert_close(out_fused, out_plain, rtol=tol, atol=tol * float(out_plain.abs().max()))
         for plain, folded in zip(grads_plain, grads_fused, strict=True):
             assert (plain is None) == (folded is None)
             if plain is not None:
-                torch.testing.assert_close(folded, plain, rtol=1e-3, atol=1e-3 * float(plain.abs().max()))
+                assert folded.dtype == torch.float32
+                tol = 1e-1 if bf16 else 1e-3
+                torch.testing.assert_close(folded, plain, rtol=tol, atol=tol * float(plain.abs().max()))
         with torch.no_grad():
             x = blockwise._run_block(gm, start, body, x)
     assert folded_pairs >= (16 if arch == "resnet18" else 6), folded_pairs
+
+
+def test_block_steps_use_bfloat16_only_on_a_cpu_with_native_support(monkeypatch):
+    from compressor.recovery import blockwise
+
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.delenv("COMPRESS_BF16", raising=False)
+    assert blockwise.bf16_steps("cpu") == native
+    assert not blockwise.bf16_steps("cuda")
+    monkeypatch.setenv("COMPRESS_BF16", "0")
+    assert not blockwise.bf16_steps("cpu")
 
 
 def test_block_cosine_adam_takes_torch_adams_steps_under_a_cosine_schedule():
