@@ -10,7 +10,11 @@ the network downstream of the pruned group, from cached original activations.
 Widths are then chosen greedily: starting from full width, repeatedly remove one step of
 channels from the group with the lowest increase of (interpolated) distortion per MAC saved,
 until the fast MAC estimate meets the target. Distortions of different groups are assumed
-additive.
+additive. Summing their square roots instead (errors that add up coherently) or their squares
+(favouring even cuts) was not better (sixteenth session, ResNet-56, 1,024 images, ``lsq`` then
+``block``, unaligned widths, 5,000 val images, 50% / 40% FLOPs): additive 86.06% / 85.22%, square
+roots 85.62% / 83.76% (most stage-1 and stage-2 blocks cut to one channel, stage 3 kept whole),
+squares 86.10% / 84.52%.
 """
 
 from __future__ import annotations
