@@ -77,13 +77,19 @@ Nor did mirrored *images* (sixteenth session: the 1,024 calibration images and t
 through both networks, so every block sees inputs a real image produces; same ``lsq`` and widths,
 5,000 val images): 85.88% / 85.18% against 86.06% / 85.22% at 50% / 40%, for 1.4x the block time.
 
-On a CPU with native bfloat16 (AVX512-BF16 or AMX; ``bf16_steps``) the steps' conv-BN convolutions run in
-bfloat16, float32 in and out; the weights, the loss, the optimizer and the held-out check stay float32
-(sixteenth session). ResNet-56's block stage at 50% FLOPs, alternated in one process after the same ``lsq``:
+On a CPU with native bfloat16 (AVX512-BF16 or AMX; ``bf16_steps``) the steps' ungrouped conv-BN
+convolutions with kernels wider than 1x1 run in bfloat16, float32 in and out; the weights, the loss, the
+optimizer and the held-out check stay float32 (sixteenth session). Depthwise convolutions stay float32:
+on the half-width CIFAR MobileNetV2 of ``bench/cifar_shapes.py`` (50% FLOPs, alternated in one process),
+its block stage took 12.7-15.5 s in float32, 19.3-20.3 s with every convolution or every 3x3 one
+(depthwise included) in bfloat16, 14.2-14.9 s with every ungrouped one (1x1 too) and 13.1-15.2 s with
+the rule kept (there only the stem). 1x1 convolutions stay float32 too: nothing measured here gained
+from them. ResNet-56's block stage at 50% FLOPs, alternated in one process after the same ``lsq``:
 18.2-21.6 s -> 15.9-18.2 s over four pairs, mean held-out error 0.08119 -> 0.08118. Whole runs, seeds 0 / 1 / 2,
 5,000 val images: 85.86 / 85.58 / 85.94% at 50% and 84.78 / 84.42 / 83.54% at 40%, against float32's 85.84 /
 85.60 / 85.94% and 84.70 / 84.34 / 83.56%; ResNet-20 (PNG-trained) 77.80% / 73.34% against 77.78% / 73.34%;
-a vgg_cifar trained anew (80.82%) 78.18% / 77.08% against 78.14% / 77.12%.
+a vgg_cifar trained anew (80.82%) 78.18% / 77.08% against 78.14% / 77.12%; that MobileNetV2 (78.38%) with
+the rule kept 76.12% / 75.16% against 76.08% / 75.12% (``block`` 12.9 s / 9.4 s against 14.9 s / 11.4 s).
 Running the whole step under autocast (the linear layer and the loss too) was no faster and lost ResNet-20's
 last block at 40% (held-out error 0.2277 against 0.2187; 71.76% against 73.34%). ``COMPRESS_BF16=0`` turns it off.
 The steps leave little to a closed-form fit of the last layer: after them, a ridge refit of ResNet-56's
@@ -189,8 +195,8 @@ def _fold_batchnorm(gm: fx.GraphModule, body: list[fx.Node], bf16: bool = False)
 
     The conv's own weight stays the parameter (scaled per output channel inside the call), so the
     gradients are those of the unfused pair; what goes is BatchNorm's backward over the whole
-    activation, over a quarter of a step's time on ResNet-56. ``bf16``: the convolution itself runs
-    in bfloat16 (float32 in and out; see ``bf16_steps``).
+    activation, over a quarter of a step's time on ResNet-56. ``bf16``: ungrouped convolutions with
+    kernels wider than 1x1 run in bfloat16 (float32 in and out; see ``bf16_steps``).
     """
     fused: dict = {}
     inside = set(body)
@@ -210,9 +216,14 @@ def _fold_batchnorm(gm: fx.GraphModule, body: list[fx.Node], bf16: bool = False)
             shift = -norm.running_mean * scale
             if norm.bias is not None:
                 shift = shift + norm.bias
-        fused[node] = _scaled_conv(conv, scale, shift, bf16)
+        fused[node] = _scaled_conv(conv, scale, shift, bf16 and _dense_spatial(conv))
         fused[users[0]] = _identity
     return fused
+
+
+def _dense_spatial(conv: nn.Conv2d) -> bool:
+    """Whether bfloat16 pays for ``conv``: ungrouped, with a kernel wider than 1x1 (see the module docstring)."""
+    return conv.groups == 1 and max(conv.kernel_size) > 1
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

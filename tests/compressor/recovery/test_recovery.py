@@ -789,6 +789,26 @@ def test_block_steps_with_batchnorm_folded_give_the_unfolded_outputs_and_gradien
     assert folded_pairs >= (16 if arch == "resnet18" else 6), folded_pairs
 
 
+def test_block_steps_keep_depthwise_and_pointwise_convolutions_in_float32():
+    """bfloat16 made depthwise convolutions slower; only ungrouped convolutions wider than 1x1 use it."""
+    from torch import fx
+
+    from compressor.recovery import blockwise
+
+    def conv_bn(cin, cout, k, groups=1):
+        return [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+
+    model = nn.Sequential(*conv_bn(3, 8, 3), *conv_bn(8, 8, 3, groups=8), *conv_bn(8, 16, 1)).eval()
+    gm = fx.symbolic_trace(model)
+    body = [n for n in gm.graph.nodes if n.op == "call_module"]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact, low = blockwise._fold_batchnorm(gm, body, False), blockwise._fold_batchnorm(gm, body, True)
+    inputs = {"0": x, "2": torch.randn(2, 8, 8, 8), "4": torch.randn(2, 8, 8, 8)}
+    same = {n.target: torch.equal(exact[n](inputs[n.target]), low[n](inputs[n.target])) for n in body if n in exact
+            and isinstance(gm.get_submodule(n.target), nn.Conv2d)}
+    assert same == {"0": False, "2": True, "4": True}, same
+
+
 def test_block_steps_use_bfloat16_only_on_a_cpu_with_native_support(monkeypatch):
     from compressor.recovery import blockwise
 
