@@ -260,6 +260,8 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
     traced = _trace_pair(original, pruned)
     if traced is None or len(calib) < 2 * HOLDOUT_EVERY:
         return {"status": "skipped", "reason": "not fx-traceable" if traced is None else "too few images"}
+    if log is not None and calib.dtype == torch.float32 and bf16_steps(device):
+        log("block: the steps' ungrouped convolutions wider than 1x1 run in bfloat16 (COMPRESS_BF16=0: float32)")
     gm_o, gm_p = traced
     to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
     index = _channel_index(gm_p, kept)
