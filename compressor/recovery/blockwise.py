@@ -233,10 +233,11 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 def _scaled_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor, bf16: bool):
     def run(x: torch.Tensor) -> torch.Tensor:
         bias = shift if conv.bias is None else conv.bias * scale + shift
+        weight = conv.weight * scale[:, None, None, None]
         if not bf16:
-            return conv._conv_forward(x, conv.weight * scale[:, None, None, None], bias)
+            return conv._conv_forward(x, weight, bias)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return conv._conv_forward(x, conv.weight * scale[:, None, None, None], bias).float()
+            return conv._conv_forward(x, weight, bias).float()
 
     return run
 
@@ -260,7 +261,8 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
     traced = _trace_pair(original, pruned)
     if traced is None or len(calib) < 2 * HOLDOUT_EVERY:
         return {"status": "skipped", "reason": "not fx-traceable" if traced is None else "too few images"}
-    if log is not None and calib.dtype == torch.float32 and bf16_steps(device):
+    low_precision = calib.dtype == torch.float32 and bf16_steps(device)
+    if log is not None and low_precision:
         log("block: the steps' ungrouped convolutions wider than 1x1 run in bfloat16 (COMPRESS_BF16=0: float32)")
     gm_o, gm_p = traced
     to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
@@ -302,7 +304,8 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
                       for p in gm_p.get_submodule(n.target).parameters()]
             result = {"block": number, "end": out.name, "status": "kept", "least_squares": len(fits)}
             if out in index and params and y_o.shape[1:] == _run_block(gm_p, start, body, x_p[:1]).shape[1:]:
-                result.update(_fit_block(gm_p, start, body, x_p, y_o, params, hold, train, gen, steps, lr))
+                result.update(_fit_block(gm_p, start, body, x_p, y_o, params, hold, train, gen, steps, lr,
+                                         low_precision))
             results.append(result)
             if log is not None and "before" in result:
                 log(f"block {number + 1}/{len(blocks)} (to {out.name}): held-out error "
@@ -428,7 +431,7 @@ def bf16_steps(device: str | torch.device) -> bool:
         return False
 
 
-def _fit_block(gm, start, body, x, y, params, hold, train, gen, steps, lr) -> dict:
+def _fit_block(gm, start, body, x, y, params, hold, train, gen, steps, lr, bf16: bool = False) -> dict:
     energy = float((y**2).mean().clamp_min(1e-12))
 
     def held_error() -> float:
@@ -441,7 +444,7 @@ def _fit_block(gm, start, body, x, y, params, hold, train, gen, steps, lr) -> di
     for p in params:
         p.requires_grad_(True)
     opt = CosineAdam(params, lr, steps)
-    fused = _fold_batchnorm(gm, body, x.dtype == torch.float32 and bf16_steps(x.device))
+    fused = _fold_batchnorm(gm, body, bf16)
     with torch.enable_grad():
         for _ in range(steps):
             pick = train[torch.randint(0, len(train), (min(BATCH, len(train)),), generator=gen)]
