@@ -77,7 +77,7 @@ Nor did mirrored *images* (sixteenth session: the 1,024 calibration images and t
 through both networks, so every block sees inputs a real image produces; same ``lsq`` and widths,
 5,000 val images): 85.88% / 85.18% against 86.06% / 85.22% at 50% / 40%, for 1.4x the block time.
 
-On a CPU with native bfloat16 (AVX512-BF16 or AMX; ``bf16_steps``) the steps' ungrouped conv-BN
+On a CPU with native bfloat16 (AVX512-BF16 or AMX; ``common.bf16_supported``) the steps' ungrouped conv-BN
 convolutions with kernels wider than 1x1 run in bfloat16, float32 in and out; the weights, the loss, the
 optimizer and the held-out check stay float32 (sixteenth session). Depthwise convolutions stay float32:
 on the half-width CIFAR MobileNetV2 of ``bench/cifar_shapes.py`` (50% FLOPs, alternated in one process),
@@ -92,14 +92,23 @@ a vgg_cifar trained anew (80.82%) 78.18% / 77.08% against 78.14% / 77.12%; that 
 the rule kept 76.12% / 75.16% against 76.08% / 75.12% (there the rule leaves all but the stem in float32).
 Running the whole step under autocast (the linear layer and the loss too) was no faster and lost ResNet-20's
 last block at 40% (held-out error 0.2277 against 0.2187; 71.76% against 73.34%). ``COMPRESS_BF16=0`` turns it off.
+The no-grad passes that carry each block's input (pruned network) and target (original) along follow the same
+rule since the seventeenth session: on ResNet-56 at 50% FLOPs the two passes over 1,024 images took 3.6-4.3 s
+against float32's 4.7-5.6 s (six alternations in one process); after the same ``lsq``, mean held-out block error
+0.08117 -> 0.08116 and 86.06% -> 86.16% at 50%, 0.10915 -> 0.10916 and 85.22% -> 85.22% at 40% (5,000 val images).
 The steps leave little to a closed-form fit of the last layer: after them, a ridge refit of ResNet-56's
 classifier on the pruned features (held-out logit error 0.0556 -> 0.0550) moved 86.06% to 86.08% at 50% FLOPs.
+Nor can a task-level loss take over where the block targets stop (seventeenth session): after ``lsq`` and
+``block`` at 50% FLOPs (86.06%), Adam steps on the last stage's convolutions and the classifier (about 400k
+weights) toward the original's soft predictions (KL divergence, batch 128, the 896 fitted images) overfit from
+the first 50 steps (held-out KL 0.019 -> 0.025-0.074) and lost accuracy: 85.04% (lr 1e-4, 150 steps), 84.78%
+(3e-4), 85.58% (1e-4, 300 steps at temperature 4), for 48-98 s. The block targets (thousands of values per
+image) constrain what 896 images' ten logits cannot.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import fx, nn
@@ -107,7 +116,15 @@ from torch.nn import functional as F
 
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
-from compressor.recovery.common import BN_TYPES, LAYER_TYPES, image_cap, require_calib, spread
+from compressor.recovery.common import (
+    BN_TYPES,
+    LAYER_TYPES,
+    bf16_pays,
+    bf16_supported,
+    image_cap,
+    require_calib,
+    spread,
+)
 from compressor.recovery.lsq import _exec_order, _layers_to_fit, _trace_pair, refit_segment, run_node
 
 STEPS = 100  # per block
@@ -176,8 +193,11 @@ def _unary_follower(gm: fx.GraphModule, node: fx.Node, rest: list[fx.Node]) -> b
 
 
 def _run_block(gm: fx.GraphModule, start: fx.Node, body: list[fx.Node], x: torch.Tensor,
-               fused: dict | None = None) -> torch.Tensor:
-    """The block's output for input ``x``; nodes in ``fused`` run its function on their single input."""
+               fused: dict | None = None, bf16: bool = False) -> torch.Tensor:
+    """The block's output for input ``x``; nodes in ``fused`` run its function on their single input.
+
+    ``bf16``: ungrouped convolutions with kernels wider than 1x1 run in bfloat16 (float32 in and out).
+    """
     env = {start: x}
     for node in body:
         if fused is not None and node in fused:
@@ -186,7 +206,7 @@ def _run_block(gm: fx.GraphModule, start: fx.Node, body: list[fx.Node], x: torch
         for arg in node.all_input_nodes:
             if arg not in env and arg.op == "get_attr":  # a constant defined in an earlier block
                 env[arg] = run_node(gm, arg, env, x)
-        env[node] = run_node(gm, node, env, x)
+        env[node] = run_node(gm, node, env, x, bf16)
     return env[body[-1]]
 
 
@@ -196,7 +216,7 @@ def _fold_batchnorm(gm: fx.GraphModule, body: list[fx.Node], bf16: bool = False)
     The conv's own weight stays the parameter (scaled per output channel inside the call), so the
     gradients are those of the unfused pair; what goes is BatchNorm's backward over the whole
     activation, over a quarter of a step's time on ResNet-56. ``bf16``: ungrouped convolutions with
-    kernels wider than 1x1 run in bfloat16 (float32 in and out; see ``bf16_steps``).
+    kernels wider than 1x1 run in bfloat16 (float32 in and out; see ``common.bf16_pays``).
     """
     fused: dict = {}
     inside = set(body)
@@ -216,14 +236,9 @@ def _fold_batchnorm(gm: fx.GraphModule, body: list[fx.Node], bf16: bool = False)
             shift = -norm.running_mean * scale
             if norm.bias is not None:
                 shift = shift + norm.bias
-        fused[node] = _scaled_conv(conv, scale, shift, bf16 and _dense_spatial(conv))
+        fused[node] = _scaled_conv(conv, scale, shift, bf16 and bf16_pays(conv))
         fused[users[0]] = _identity
     return fused
-
-
-def _dense_spatial(conv: nn.Conv2d) -> bool:
-    """Whether bfloat16 pays for ``conv``: ungrouped, with a kernel wider than 1x1 (see the module docstring)."""
-    return conv.groups == 1 and max(conv.kernel_size) > 1
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -242,9 +257,11 @@ def _scaled_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor, bf16
     return run
 
 
-def _run_batched(gm, start, body, x: torch.Tensor) -> torch.Tensor:
+def _run_batched(gm, start, body, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """The block's output for all of ``x``, PASS_BATCH images at a time (``bf16``: see ``_run_block``)."""
     with torch.no_grad():
-        return torch.cat([_run_block(gm, start, body, x[i : i + PASS_BATCH]) for i in range(0, len(x), PASS_BATCH)])
+        return torch.cat([_run_block(gm, start, body, x[i : i + PASS_BATCH], bf16=bf16)
+                          for i in range(0, len(x), PASS_BATCH)])
 
 
 def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tensor, *,
@@ -261,9 +278,10 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
     traced = _trace_pair(original, pruned)
     if traced is None or len(calib) < 2 * HOLDOUT_EVERY:
         return {"status": "skipped", "reason": "not fx-traceable" if traced is None else "too few images"}
-    low_precision = calib.dtype == torch.float32 and bf16_steps(device)
+    low_precision = calib.dtype == torch.float32 and bf16_supported(device)
     if log is not None and low_precision:
-        log("block: the steps' ungrouped convolutions wider than 1x1 run in bfloat16 (COMPRESS_BF16=0: float32)")
+        log("block: ungrouped convolutions wider than 1x1 run in bfloat16 in the steps and passes (COMPRESS_BF16=0: "
+            "float32)")
     gm_o, gm_p = traced
     to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
     index = _channel_index(gm_p, kept)
@@ -295,7 +313,7 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
                 y_full = y_full.contiguous()
             else:
                 fits = {}
-                y_full = _run_batched(gm_o, to_orig[start], [to_orig[n] for n in body], x_o)
+                y_full = _run_batched(gm_o, to_orig[start], [to_orig[n] for n in body], x_o, low_precision)
             out = body[-1]
             channels = index.get(out)
             y_o = y_full if channels is None else y_full[:, torch.as_tensor(channels, dtype=torch.long)]
@@ -310,7 +328,7 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
             if log is not None and "before" in result:
                 log(f"block {number + 1}/{len(blocks)} (to {out.name}): held-out error "
                     f"{result['before']:.4f} -> {result['after']:.4f}, {result['status']}")
-            x_p, x_o = _run_batched(gm_p, start, body, x_p), y_full
+            x_p, x_o = _run_batched(gm_p, start, body, x_p, low_precision), y_full
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -418,17 +436,6 @@ class CosineAdam:
             mean.lerp_(p.grad, 1 - beta1)
             square.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             p.addcdiv_(mean, (square.sqrt() / math.sqrt(correction2)).add_(self.EPS), value=-lr / correction1)
-
-
-def bf16_steps(device: str | torch.device) -> bool:
-    """Whether the steps' convolutions run in bfloat16: on a CPU whose oneDNN has native bfloat16
-    (AVX512-BF16 or AMX), unless ``COMPRESS_BF16=0``. Elsewhere bfloat16 is emulated and slower."""
-    if torch.device(device).type != "cpu" or os.environ.get("COMPRESS_BF16", "1") == "0":
-        return False
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _fit_block(gm, start, body, x, y, params, hold, train, gen, steps, lr, bf16: bool = False) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -14,6 +15,30 @@ from compressor.recovery.base import RecoveryContext
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MEMORY_BUDGET = 1.5e9  # bytes of activations allowed for single-batch passes
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """Whether convolutions that tolerate rounding run in bfloat16: on a CPU whose oneDNN has native
+    bfloat16 (AVX512-BF16 or AMX), unless ``COMPRESS_BF16=0``. Elsewhere bfloat16 is emulated and slower.
+
+    Used by ``block`` (its steps and the passes that carry each block's input and target along) and by
+    the width allocation's probes; see ``bf16_pays`` for which convolutions.
+    """
+    if torch.device(device).type != "cpu" or os.environ.get("COMPRESS_BF16", "1") == "0":
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_pays(module: nn.Module) -> bool:
+    """Whether bfloat16 pays for ``module`` on such a CPU: a Conv2d, ungrouped, with a kernel wider than 1x1.
+
+    Depthwise convolutions in bfloat16 made the CIFAR MobileNetV2's ``block`` stage a third slower, and
+    1x1 convolutions gained nothing measurable (``compressor/recovery/blockwise.py``).
+    """
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and max(module.kernel_size) > 1
 
 
 def require_calib(ctx: RecoveryContext, method: str) -> torch.Tensor:

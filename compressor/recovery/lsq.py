@@ -49,6 +49,7 @@ from compressor.recovery.base import RecoveryContext, RecoveryMethod
 from compressor.recovery.common import (
     BN_TYPES,
     LAYER_TYPES,
+    bf16_pays,
     conv_bn_pairs,
     execution_order,
     image_cap,
@@ -226,7 +227,11 @@ def _exec_order(graph: fx.Graph) -> list[fx.Node]:
     return order
 
 
-def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, x: torch.Tensor):
+def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, x: torch.Tensor, bf16: bool = False):
+    """The value of ``node`` given the values ``env`` of its inputs (``x``: the placeholder's).
+
+    ``bf16``: a convolution for which ``bf16_pays`` runs in bfloat16 on float32 inputs (float32 out).
+    """
     if node.op == "placeholder":
         return x
     if node.op == "output":
@@ -244,7 +249,11 @@ def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, x: torch.Tensor):
         return node.target(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return gm.get_submodule(node.target)(*args, **kwargs)
+    module = gm.get_submodule(node.target)
+    if bf16 and bf16_pays(module) and args and getattr(args[0], "dtype", None) == torch.float32:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(*args, **kwargs).float()
+    return module(*args, **kwargs)
 
 
 def _layer_norm_shape_of_weight(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -442,13 +442,35 @@ class TinyChannelsLayerNorm(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def _run_traced(model: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """``model(x)`` node by node, with ``run_node``'s bfloat16 rule when ``bf16``."""
+    from torch import fx
+
+    from compressor.recovery.lsq import run_node
+
+    gm = fx.symbolic_trace(model)
+    env: dict = {}
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda a: env[a])
+            env[node] = run_node(gm, node, env, x, bf16)
+    raise AssertionError("no output node")
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", [TinyResidual, TinyChannelsLayerNorm])
-def test_probe_equals_running_the_pruned_model(arch):
+def test_probe_equals_running_the_pruned_model(arch, bf16, monkeypatch):
     """A probe re-runs only what the pruning changed, from cached activations it drops after their last
-    reader: its distortion must equal that of the whole pruned model on the probe images, every time."""
+    reader: its distortion must equal that of the whole pruned model on the probe images, every time
+    (run with the same arithmetic: on a CPU with native bfloat16, its 3x3 convolutions in bfloat16)."""
     from compressor import graph as graph_mod
     from compressor import sensitivity
+    from compressor.recovery.common import bf16_supported
 
+    monkeypatch.setenv("COMPRESS_BF16", "1" if bf16 else "0")
+    if bf16 and not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bfloat16: the probes run in float32")
     torch.manual_seed(0)
     model = arch().eval()
     for m in model.modules():
@@ -457,13 +479,14 @@ def test_probe_equals_running_the_pruned_model(arch):
             m.running_var.uniform_(0.5, 1.5)
     graph = graph_mod.build_graph(model, images(1, 0))
     prober = sensitivity._make_prober(graph, images(96, 5), "cpu", refit=False)
+    assert prober.bf16 == bf16
     prunable = [g for g in graph.groups if g.prunable]
     assert len(prunable) >= 2
     for g in prunable:
         plan = {g.id: torch.arange(0, g.size, 2)}
         pruned = graph_mod.apply_plan(graph, plan)
-        with torch.no_grad():
-            expected = sensitivity._distortion(model(prober.probe), pruned.model(prober.probe))
+        expected = sensitivity._distortion(_run_traced(model, prober.probe, bf16),
+                                           _run_traced(pruned.model, prober.probe, bf16))
         first = prober.distortion(plan, refit=False)
         assert first == pytest.approx(expected, rel=1e-4, abs=1e-7), g.root
         assert expected > 0
@@ -602,6 +625,7 @@ def test_lsq_block_without_steps_equals_lsq(monkeypatch, depth):
     from compressor.recovery import blockwise
 
     monkeypatch.setattr(blockwise, "STEPS", 0)
+    monkeypatch.setenv("COMPRESS_BF16", "0")  # float32 passes between the blocks, as in lsq
     if depth:
         graph = G.build_graph(randomize_bn(load_cifar_resnet(depth)), torch.randn(1, 3, 32, 32))
         plan = G.random_plan(graph, 0.5, seed=0)
@@ -809,15 +833,40 @@ def test_block_steps_keep_depthwise_and_pointwise_convolutions_in_float32():
     assert same == {"0": False, "2": True, "4": True}, same
 
 
-def test_block_steps_use_bfloat16_only_on_a_cpu_with_native_support(monkeypatch):
+def test_block_passes_in_bfloat16_round_only_dense_spatial_convolutions():
+    """The passes that carry each block's input and target along run 3x3 convolutions in bfloat16
+    (float32 out, close to the float32 pass); depthwise and 1x1 convolutions stay exact."""
+    from torch import fx
+
     from compressor.recovery import blockwise
+
+    def run(model, x, bf16):
+        gm = fx.symbolic_trace(model.eval())
+        body = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        start = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        return blockwise._run_batched(gm, start, body, x, bf16)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 10, 10, generator=gen)
+    for model, exact in ((nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)), True),
+                         (nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 3)), False)):
+        plain, low = run(model, x, False), run(model, x, True)
+        assert low.dtype == torch.float32 and low.shape == plain.shape
+        assert torch.equal(low, plain) == exact
+        torch.testing.assert_close(low, plain, rtol=5e-2, atol=5e-2 * float(plain.abs().max()))
+        double = model.double()
+        assert torch.equal(run(double, x.double(), True), run(double, x.double(), False))  # float64 stays exact
+
+
+def test_bfloat16_only_on_a_cpu_with_native_support(monkeypatch):
+    from compressor.recovery.common import bf16_supported
 
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     monkeypatch.delenv("COMPRESS_BF16", raising=False)
-    assert blockwise.bf16_steps("cpu") == native
-    assert not blockwise.bf16_steps("cuda")
+    assert bf16_supported("cpu") == native
+    assert not bf16_supported("cuda")
     monkeypatch.setenv("COMPRESS_BF16", "0")
-    assert not blockwise.bf16_steps("cpu")
+    assert not bf16_supported("cpu")
 
 
 def test_block_cosine_adam_takes_torch_adams_steps_under_a_cosine_schedule():
