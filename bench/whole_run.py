@@ -10,6 +10,8 @@ Writes bench/results/whole_run.md. Run: python bench/whole_run.py [--budgets 50,
 The faster recipe's table: python bench/whole_run.py --recovery lsq --append
 The other checkpoints of ../shared/models: --weights resnet20-cifar10-png.th (its depth is read from the
 name and passed as ``cifar_resnet.py:CifarResNet(depth=20)``, as a user would).
+Without data (no --calib; images synthesized from the BatchNorm statistics, or none with 0):
+python bench/whole_run.py --synthesize 128 --append; python bench/whole_run.py --synthesize 0 --seeds 0 --append
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ def model_spec(weights: str) -> str:
 
 
 def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
-             weights: str = DEFAULT_WEIGHTS) -> tuple[dict, float, float]:
-    """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process."""
+             weights: str = DEFAULT_WEIGHTS, synthesize: int | None = None) -> tuple[dict, float, float]:
+    """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process.
+
+    ``synthesize``: run without ``--calib``, with ``--synthesize N`` (0: pruning by the weights alone).
+    """
+    data = (["--calib", str(TRAIN)] if synthesize is None
+            else ["--input-shape", "3x32x32", "--synthesize", str(synthesize)])
     cmd = [
         "compress", model_spec(weights), "--weights", str(MODELS / weights),
-        "--budget", f"{budget}%flops", "--calib", str(TRAIN), "--eval", str(VAL),
+        "--budget", f"{budget}%flops", *data, "--eval", str(VAL),
         "--mean", ",".join(map(str, CIFAR_MEAN)), "--std", ",".join(map(str, CIFAR_STD)),
         "--device", "cpu", "--seed", str(seed), "--out", str(out), "--force", "--quiet",
     ]
@@ -72,32 +79,42 @@ def main() -> None:
     parser.add_argument("--recovery", default=None, help="recovery recipe passed to compress (default: its own)")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint in ../shared/models")
+    parser.add_argument("--synthesize", type=int, default=None,
+                        help="no --calib: synthesize N calibration images (0: prune by the weights alone)")
     args = parser.parse_args()
+    stages = STAGES if args.synthesize is None else ("synthesize", *STAGES)
     require_shared()
     rows, walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in (int(b) for b in args.budgets.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery,
-                                                   args.weights)
+                                                   args.weights, args.synthesize)
                 acc, lat, t = report["accuracy"], report["latency"], report["timings_s"]
                 walls.append(wall)
                 rows.append([
                     f"{budget}%flops", str(seed), f"{acc['original']:.2%} -> {acc['pruned']:.2%}",
                     f"{report['flops']['ratio']:.1%}", f"{report['params']['ratio']:.1%}",
                     f"{lat['original_ms']['p50']:.2f} -> {lat['pruned_ms']['p50']:.2f}",
-                    " / ".join(f"{t.get(s, 0.0):.1f}" for s in STAGES), f"{wall:.1f}", f"{peak_gb:.2f}",
+                    " / ".join(f"{t.get(s, 0.0):.1f}" for s in stages), f"{wall:.1f}", f"{peak_gb:.2f}",
                 ])
                 print(" | ".join(rows[-1]), flush=True)
     header = ["budget", "seed", "top-1 (original -> pruned)", "FLOPs kept", "params kept", "ORT batch-1 p50 ms",
-              "stages s: " + " / ".join(STAGES), "process wall s", "peak GB"]
+              "stages s: " + " / ".join(stages), "process wall s", "peak GB"]
     extra = f" --recovery {args.recovery}" if args.recovery else ""
+    data = "--calib train.tar.gz"
+    if args.synthesize is not None:
+        data = f"--input-shape 3x32x32 --synthesize {args.synthesize}"
+        extra += f" --synthesize {args.synthesize}, no --calib"
     shown_model = model_spec(args.weights).replace(str(MODELS), "../shared/models")
     notes = [
         f"The README's reference command, as a user runs it (`compress '{shown_model}' "
-        f"--weights {args.weights} --budget B --calib train.tar.gz --eval val.tar.gz ... --device cpu{extra}`), "
-        "defaults otherwise (criterion `reconstruction`, sensitivity allocation"
-        + ("" if args.recovery else f", recovery `{','.join(DEFAULT_RECIPE)}`") + "), one process per row.",
+        f"--weights {args.weights} --budget B {data} --eval val.tar.gz ... --device cpu"
+        f"{' --recovery ' + args.recovery if args.recovery else ''}`), defaults otherwise"
+        + ("" if args.synthesize == 0 else " (criterion `reconstruction`, sensitivity allocation"
+           + ("" if args.recovery else f", recovery `{','.join(DEFAULT_RECIPE)}`") + ")")
+        + "; seed: " + ("the calibration subset's" if args.synthesize is None else "the synthesis's")
+        + ", one process per row.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; its speed varies by 10-40% over a day, so read the "
         f"spread. Process wall time {min(walls):.1f}-{max(walls):.1f} s over {len(walls)} runs (goal: 60 s).",
     ]

@@ -27,6 +27,9 @@ class CompressConfig:
         trust_pickle: Allow unpickling a whole-model file.
         calib: Calibration data (folder, tar, .pt/.npy); None for data-free pruning.
         calib_size: Number of calibration images drawn at random (None: 1024).
+        synthesize: Without ``calib``: images to synthesize from the model's BatchNorm statistics
+            and use as calibration data (None: 128 when the model has BatchNorm layers and is small
+            enough for the device, see ``synthesize.default_count``; 0: none, prune by the weights).
         eval: Labelled images in class folders for top-1 accuracy; None skips accuracy.
         eval_size: Use at most this many evaluation images (None: all).
         eval_before_recovery: Also measure the accuracy of the pruned model before recovery
@@ -61,6 +64,7 @@ class CompressConfig:
     trust_pickle: bool = False
     calib: Path | None = None
     calib_size: int | None = None
+    synthesize: int | None = None
     eval: Path | None = None
     eval_size: int | None = None
     eval_before_recovery: bool = False
@@ -88,6 +92,10 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.calib_size is not None and self.calib_size < 1:
             raise UsageError(f"--calib-size {self.calib_size} must be at least 1; e.g. 1024")
+        if self.synthesize is not None and self.synthesize < 0:
+            raise UsageError(f"--synthesize {self.synthesize} must be 0 (none) or more images; e.g. 128")
+        if self.synthesize and self.calib is not None:
+            raise UsageError(f"--synthesize {self.synthesize} replaces --calib; pass one of them")
         if self.eval_size is not None and self.eval_size < 1:
             raise UsageError(f"--eval-size {self.eval_size} must be at least 1")
         if self.batch_size < 1:

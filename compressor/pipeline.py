@@ -121,6 +121,32 @@ def _check_classes(data: ImageSet | None, outputs: int, option: str, stages: Sta
                     f"in sorted order ({data.classes[0]!r}, ...), so they must be the model's first {folders} classes")
 
 
+def _synthesized_calibration(config: CompressConfig, model: nn.Module, input_shape: tuple, classes: int,
+                             stages: Stages) -> ImageSet | None:
+    """Without --calib: images synthesized from the model's BatchNorm statistics, or None (weights only)."""
+    from compressor import synthesize
+
+    device = str(graph_mod.device_of(model))
+    count = config.synthesize
+    if count == 0:
+        return None
+    if count is None:
+        macs, _ = graph_mod.count_macs_params(model, torch.zeros(1, *input_shape, device=device))
+        count, why = synthesize.default_count(model, macs, device)
+        if not count:
+            hint = " or --synthesize 128 to synthesize images anyway" if synthesize.has_batchnorm(model) else ""
+            stages.note(f"no --calib: pruning by the weights alone ({why}); pass --calib DIR{hint}")
+            return None
+    elif not synthesize.has_batchnorm(model):
+        raise CompressorError("--synthesize needs a model with BatchNorm2d layers (their statistics stand in for "
+                              "data); pass --calib DIR or --synthesize 0")
+    with stages.stage("synthesize", f"synthesizing {count} calibration images from the model's BatchNorm "
+                                    "statistics (no --calib; --synthesize 0 skips this)"):
+        images = synthesize.synthesize(model, tuple(input_shape), count, classes=classes, seed=config.seed,
+                                       device=device, log=stages.note)
+    return ImageSet(images, None)
+
+
 def load_inputs(config: CompressConfig, stages: Stages) -> tuple[nn.Module, ImageSet | None, ImageSet | None, tuple]:
     """Load the model, calibration and evaluation data and settle the input shape."""
     with stages.stage("load_model", f"loading model {config.model}"):
@@ -179,6 +205,12 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     model, calib, evaluation, input_shape = load_inputs(config, stages)
     example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
     output = _check_model_accepts(model, example)
+    synthesized = False
+    if calib is None:
+        calib = _synthesized_calibration(config, model, input_shape, output.shape[1], stages)
+        synthesized = calib is not None
+        if synthesized:
+            example = calib.images[:1]
     for data, option in ((evaluation, "--eval"), (calib if config.labels else None, "--calib (with --labels)")):
         _check_classes(data, output.shape[1], option, stages)
     criterion = get_criterion(config.criterion_for(len(calib.images) if calib is not None else 0))
@@ -292,6 +324,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         "export": export_info,
         "input_shape": list(input_shape),
         "calibration_images": int(calib.images.shape[0]) if calib is not None else 0,
+        "calibration_source": "synthesized" if synthesized else ("data" if calib is not None else "none"),
         "layers": [{"root": g.root, "kept": int(counts.get(g.id, g.size)), "size": g.size}
                    for g in graph.groups if g.prunable],
         "candidates": candidates,

@@ -75,7 +75,8 @@ def test_compress_help_lists_registry_choices_and_defaults():
     for name in list_criteria() + list_recoveries():
         assert name in text, name
     # bracketed defaults survive (no markup processing swallows them)
-    assert "[lsq,block with --calib, else datafree]" in text and "[sensitivity with --calib, else global]" in text
+    assert "[lsq,block with calibration images (--calib or --synthesize), else datafree]" in text
+    assert "[sensitivity with calibration images, else global]" in text
     assert "[reconstruction with 64+ calibration images, else l1]" in text
 
 

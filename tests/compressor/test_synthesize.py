@@ -1,0 +1,141 @@
+"""Calibration images synthesized from BatchNorm statistics (``compressor.synthesize``) and their use
+by the pipeline when ``--calib`` is absent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import synthesize
+
+
+def small_bn_net(classes: int = 4) -> nn.Module:
+    """Two conv-BN-ReLU layers and a classifier whose BatchNorm statistics come from "training" images
+    (Gaussian, with a colour cast that noise lacks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+    )
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # cumulative averages: the statistics of all the images
+    data = torch.randn(512, 3, 12, 12, generator=torch.Generator().manual_seed(1)) * 0.6
+    data += torch.tensor([0.8, -0.5, 0.2])[:, None, None]
+    model.train()
+    with torch.no_grad():
+        model(data)
+    return model.eval()
+
+
+def batchnorm_mismatch(model: nn.Module, images: torch.Tensor) -> float:
+    """Summed squared gaps between the batch's and the running per-channel mean and std, over the BatchNorms."""
+    total = []
+
+    def hook(module, inputs, _out):
+        x = inputs[0]
+        mean, std = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False).add(module.eps).sqrt()
+        target = module.running_var.add(module.eps).sqrt()
+        total.append(float(((mean - module.running_mean) ** 2).sum() + ((std - target) ** 2).sum()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(images)
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def test_synthesized_images_match_the_batchnorm_statistics_and_cover_the_classes():
+    model = small_bn_net(classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = synthesize.synthesize(model, (3, 12, 12), 16, classes=4, seed=0, steps=80)
+    assert images.shape == (16, 3, 12, 12) and images.dtype == torch.float32 and torch.isfinite(images).all()
+    noise = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert batchnorm_mismatch(model, images) < 0.1 * batchnorm_mismatch(model, noise)
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    assert (predicted == torch.arange(16) % 4).float().mean() >= 0.75  # image i is pulled toward class i mod 4
+    # the model is left as it was
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_synthesis_is_deterministic_with_the_seed_and_splits_into_equal_batches(monkeypatch):
+    model = small_bn_net()
+    first = synthesize.synthesize(model, (3, 8, 8), 10, classes=4, seed=3, steps=5)
+    assert torch.equal(first, synthesize.synthesize(model, (3, 8, 8), 10, classes=4, seed=3, steps=5))
+    assert not torch.equal(first, synthesize.synthesize(model, (3, 8, 8), 10, classes=4, seed=4, steps=5))
+    sizes = []
+    real = synthesize.CosineAdam
+
+    def record(params, lr, steps):
+        sizes.append(len(params[0]))
+        return real(params, lr, steps)
+
+    monkeypatch.setattr(synthesize, "CosineAdam", record)
+    monkeypatch.setattr(synthesize, "_batch_size", lambda *args: 4)
+    assert synthesize.synthesize(model, (3, 8, 8), 10, classes=4, seed=3, steps=2).shape[0] == 10
+    assert sizes == [4, 3, 3], sizes
+
+
+def test_default_count_needs_batchnorm_and_a_model_small_enough_for_the_device():
+    with_bn = small_bn_net()
+    assert synthesize.default_count(with_bn, 1e6, "cpu") == (synthesize.DEFAULT_IMAGES, "")
+    count, why = synthesize.default_count(with_bn, 4e9, "cpu")  # a resnet50 at 224x224
+    assert count == 0 and "minutes" in why
+    count, why = synthesize.default_count(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), 1e6, "cpu")
+    assert count == 0 and "BatchNorm" in why
+
+
+def _run(tmp_path, monkeypatch, *extra: str):
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    monkeypatch.setattr(synthesize, "STEPS", 20)
+    models = tmp_path / "net.py"
+    models.write_text(
+        "import torch.nn as nn\n"
+        "def Net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))\n"
+    )
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compress", f"{models}:Net", "--budget", "60%flops", "--input-shape",
+                                      "3x12x12", "--no-latency", "--out", str(out), "--force", *extra])
+    return result, out
+
+
+def test_without_calib_the_run_synthesizes_calibration_images_and_recovers_with_them(tmp_path, monkeypatch):
+    result, out = _run(tmp_path, monkeypatch, "--synthesize", "72")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_source"] == "synthesized" and report["calibration_images"] == 72
+    assert report["criterion"] == "reconstruction" and report["allocation"] == "sensitivity"
+    assert report["recovery"] == ["lsq", "block"]
+    assert report["flops"]["ratio"] <= 0.6 + 1e-9
+    assert "synthesize" in report["timings_s"]
+
+
+def test_synthesize_zero_prunes_by_the_weights_alone(tmp_path, monkeypatch):
+    result, out = _run(tmp_path, monkeypatch, "--synthesize", "0")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_source"] == "none" and report["calibration_images"] == 0
+    assert report["criterion"] == "l1" and report["recovery"] == ["datafree"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--synthesize", "-1"), "--synthesize -1 must be 0"),
+    (("--synthesize", "8", "--calib", "images.pt"), "replaces --calib"),
+])
+def test_bad_synthesize_values_fail_with_one_line(tmp_path, monkeypatch, extra, message):
+    result, _ = _run(tmp_path, monkeypatch, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
