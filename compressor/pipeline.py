@@ -142,8 +142,17 @@ def _synthesized_calibration(config: CompressConfig, model: nn.Module, input_sha
                               "data); pass --calib DIR or --synthesize 0")
     with stages.stage("synthesize", f"synthesizing {count} calibration images from the model's BatchNorm "
                                     "statistics (no --calib; --synthesize 0 skips this)"):
-        images = synthesize.synthesize(model, tuple(input_shape), count, classes=classes, seed=config.seed,
-                                       device=device, log=stages.note)
+        try:
+            images = synthesize.synthesize(model, tuple(input_shape), count, classes=classes, seed=config.seed,
+                                           device=device, log=stages.note)
+        except Exception as exc:  # noqa: BLE001 - any failure of the model under autograd
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            if config.synthesize is not None:  # asked for: say so
+                raise CompressorError(f"--synthesize failed ({type(exc).__name__}: {first}); pass --calib DIR "
+                                      "or --synthesize 0") from exc
+            stages.note(f"no --calib and the synthesis failed ({type(exc).__name__}: {first}): pruning by the "
+                        "weights alone; pass --calib DIR")
+            return None
     return ImageSet(images, None)
 
 

@@ -139,3 +139,25 @@ def test_bad_synthesize_values_fail_with_one_line(tmp_path, monkeypatch, extra, 
     result, _ = _run(tmp_path, monkeypatch, *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["default", "asked-for"])
+def test_a_failed_synthesis_falls_back_to_the_weights_unless_asked_for(tmp_path, monkeypatch, asked):
+    def broken(*args, **kwargs):
+        raise RuntimeError("this model's forward cannot be differentiated")
+
+    monkeypatch.setattr(synthesize, "synthesize", broken)
+    result, out = _run(tmp_path, monkeypatch, *(("--synthesize", "16") if asked else ()))
+    if asked:
+        assert result.exit_code == 1 and "--synthesize failed (RuntimeError" in result.output
+        assert not out.exists()
+    else:
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "report.json").read_text())["calibration_source"] == "none"
+        assert "synthesis failed" in result.output
+
+
+def test_synthesis_follows_the_model_dtype():
+    model = small_bn_net().double()
+    images = synthesize.synthesize(model, (3, 8, 8), 4, classes=4, steps=3)
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 8, 8)
