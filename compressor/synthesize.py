@@ -8,7 +8,7 @@ running ones; a small cross-entropy term pulls image ``i`` toward class ``i mod 
 class-conditional term), so the set covers the model's classes evenly. The images then serve as
 calibration data for the usual criterion, width allocation and recovery (no labels are used).
 
-Without ``--calib`` this is the default for a model with BatchNorm layers, unless the work
+Without ``--calib`` this is the default for a model with trained BatchNorm layers, unless the work
 (forward MACs x images x steps) exceeds what a CPU does in a few minutes; then the pipeline falls
 back to pruning by the weights alone and merging (``datafree``) and says how to force it.
 
@@ -54,10 +54,18 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm2d) and m.running_mean is not None for m in model.modules())
 
 
+def _initial_statistics(model: nn.Module) -> bool:
+    """Whether every BatchNorm2d still has its initial running statistics (mean 0, variance 1)."""
+    return all(bool((m.running_mean == 0).all() and (m.running_var == 1).all()) for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None)
+
+
 def default_count(model: nn.Module, macs: float, device: str | torch.device) -> tuple[int, str]:
     """(images to synthesize by default without --calib, why none when 0)."""
     if not has_batchnorm(model):
         return 0, "the model has no BatchNorm2d layers whose statistics could stand in for data"
+    if _initial_statistics(model):
+        return 0, "its BatchNorm statistics are still the initial ones (untrained weights?): nothing to learn from"
     limit = CUDA_WORK_LIMIT if torch.device(device).type == "cuda" else CPU_WORK_LIMIT
     work = macs * DEFAULT_IMAGES * STEPS
     if work > limit:

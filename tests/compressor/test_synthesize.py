@@ -90,9 +90,12 @@ def test_default_count_needs_batchnorm_and_a_model_small_enough_for_the_device()
     assert count == 0 and "minutes" in why
     count, why = synthesize.default_count(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), 1e6, "cpu")
     assert count == 0 and "BatchNorm" in why
+    untrained = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())  # e.g. torchvision without weights
+    count, why = synthesize.default_count(untrained, 1e6, "cpu")
+    assert count == 0 and "initial" in why
 
 
-def _run(tmp_path, monkeypatch, *extra: str):
+def _run(tmp_path, monkeypatch, *extra: str, model: str = "Trained"):
     from typer.testing import CliRunner
 
     from compressor.cli import app
@@ -105,9 +108,15 @@ def _run(tmp_path, monkeypatch, *extra: str):
         "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
         "                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
         "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))\n"
+        "def Trained():  # BatchNorm statistics moved from their initial values, as training leaves them\n"
+        "    net = Net()\n"
+        "    for m in net.modules():\n"
+        "        if isinstance(m, nn.BatchNorm2d):\n"
+        "            m.running_mean.fill_(0.3); m.running_var.fill_(2.0)\n"
+        "    return net\n"
     )
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["compress", f"{models}:Net", "--budget", "60%flops", "--input-shape",
+    result = CliRunner().invoke(app, ["compress", f"{models}:{model}", "--budget", "60%flops", "--input-shape",
                                       "3x12x12", "--no-latency", "--out", str(out), "--force", *extra])
     return result, out
 
@@ -161,3 +170,10 @@ def test_synthesis_follows_the_model_dtype():
     model = small_bn_net().double()
     images = synthesize.synthesize(model, (3, 8, 8), 4, classes=4, steps=3)
     assert images.dtype == torch.float32 and images.shape == (4, 3, 8, 8)
+
+
+def test_an_untrained_model_is_not_synthesized_from_by_default(tmp_path, monkeypatch):
+    result, out = _run(tmp_path, monkeypatch, model="Net")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["calibration_source"] == "none"
+    assert "initial ones" in result.output and "--synthesize 128" in result.output
