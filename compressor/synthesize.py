@@ -65,7 +65,7 @@ def default_count(model: nn.Module, macs: float, device: str | torch.device) -> 
     if not has_batchnorm(model):
         return 0, "the model has no BatchNorm2d layers whose statistics could stand in for data"
     if _initial_statistics(model):
-        return 0, "its BatchNorm statistics are still the initial ones (untrained weights?): nothing to learn from"
+        return 0, "its BatchNorm statistics are still the initial ones, as in an untrained model"
     limit = CUDA_WORK_LIMIT if torch.device(device).type == "cuda" else CPU_WORK_LIMIT
     work = macs * DEFAULT_IMAGES * STEPS
     if work > limit:
