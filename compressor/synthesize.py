@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compressor.recovery.blockwise import CosineAdam
-from compressor.recovery.common import bf16_supported
+from compressor.recovery.common import bf16_supported, leaf_output_bytes
 
 DEFAULT_IMAGES = 128
 STEPS = 200
@@ -76,24 +76,9 @@ def default_count(model: nn.Module, macs: float, device: str | torch.device) -> 
 
 def _batch_size(model: nn.Module, shape: tuple[int, ...], count: int, device: str,
                 dtype: torch.dtype = torch.float32) -> int:
-    total = 0
-    handles = []
-
-    def hook(_m, _i, out):
-        nonlocal total
-        if isinstance(out, torch.Tensor):
-            total += out[0].numel() * 4
-
-    for m in model.modules():
-        if not list(m.children()):
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, device=device, dtype=dtype))
-    finally:
-        for h in handles:
-            h.remove()
-    per_image = max(1, total) * 3  # activations kept for the backward pass, their gradients, the input's
+    """How many images one optimized batch holds within ACTIVATION_BUDGET."""
+    x1 = torch.zeros(1, *shape, device=device, dtype=dtype)
+    per_image = max(1, sum(leaf_output_bytes(model, x1))) * 3  # activations kept for the backward, their gradients
     return max(1, min(count, int(ACTIVATION_BUDGET // per_image)))
 
 

@@ -122,6 +122,7 @@ from compressor.recovery.common import (
     bf16_pays,
     bf16_supported,
     image_cap,
+    in_bf16,
     require_calib,
     spread,
 )
@@ -249,10 +250,7 @@ def _scaled_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor, bf16
     def run(x: torch.Tensor) -> torch.Tensor:
         bias = shift if conv.bias is None else conv.bias * scale + shift
         weight = conv.weight * scale[:, None, None, None]
-        if not bf16:
-            return conv._conv_forward(x, weight, bias)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return conv._conv_forward(x, weight, bias).float()
+        return in_bf16(conv._conv_forward, x, weight, bias) if bf16 else conv._conv_forward(x, weight, bias)
 
     return run
 

@@ -41,6 +41,12 @@ def bf16_pays(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == 1 and max(module.kernel_size) > 1
 
 
+def in_bf16(fn, *args, **kwargs) -> torch.Tensor:
+    """``fn(*args, **kwargs)`` under CPU bfloat16 autocast, its output cast back to float32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(*args, **kwargs).float()
+
+
 def require_calib(ctx: RecoveryContext, method: str) -> torch.Tensor:
     """The calibration tensor, or a one-line error saying that ``method`` needs it."""
     if ctx.calib is None or len(ctx.calib) == 0:
@@ -137,19 +143,24 @@ def set_bias(layer: nn.Module, bias: torch.Tensor) -> None:
 
 
 
-def image_cap(model: nn.Module, calib: torch.Tensor, device: str) -> int:
-    """How many calibration images fit in one batch within MEMORY_BUDGET (activations only)."""
-    largest = 0
+def leaf_output_bytes(model: nn.Module, x1: torch.Tensor) -> list[int]:
+    """Bytes of each leaf module's output for the one image ``x1`` (a 1-image batch), in call order."""
+    sizes: list[int] = []
     handles = []
 
     def hook(_m, _i, out):
-        nonlocal largest
         if isinstance(out, torch.Tensor):
-            largest = max(largest, out[0].numel() * out.element_size())
+            sizes.append(out[0].numel() * out.element_size())
 
     for m in model.modules():
         if not list(m.children()):
             handles.append(m.register_forward_hook(hook))
-    run_hooked(model, calib[:1].to(device), handles)
+    run_hooked(model, x1, handles)
+    return sizes
+
+
+def image_cap(model: nn.Module, calib: torch.Tensor, device: str) -> int:
+    """How many calibration images fit in one batch within MEMORY_BUDGET (activations only)."""
+    largest = max(leaf_output_bytes(model, calib[:1].to(device)), default=0)
     per_image = max(1, largest) * 6  # a few live activations plus the gathered patches
     return max(8, min(len(calib), int(MEMORY_BUDGET // per_image)))

@@ -53,6 +53,7 @@ from compressor.recovery.common import (
     conv_bn_pairs,
     execution_order,
     image_cap,
+    in_bf16,
     require_calib,
     spread,
 )
@@ -251,8 +252,7 @@ def run_node(gm: fx.GraphModule, node: fx.Node, env: dict, x: torch.Tensor, bf16
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     module = gm.get_submodule(node.target)
     if bf16 and bf16_pays(module) and args and getattr(args[0], "dtype", None) == torch.float32:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return module(*args, **kwargs).float()
+        return in_bf16(module, *args, **kwargs)
     return module(*args, **kwargs)
 
 
