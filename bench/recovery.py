@@ -36,6 +36,10 @@ Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,
     python bench/recovery.py --criterion reconstruction --recipes lsq,lsq+block    # the default, 80/60/30% probes
     # lsq and block interleaved block by block (eighth session)
     python bench/recovery.py --criterion reconstruction --recipes lsq+block,lsq_block --threads 1
+    # mirrored and shifted copies of small calibration sets (eighteenth session; bench/results/augment.md)
+    for m in resnet56 vgg_cifar cifar_mobilenet_v2_half digits; do for a in "" --augment; do
+        python bench/recovery.py --model $m --criterion reconstruction --calib-sizes 64,256 --recipes lsq+block $a \
+            --out bench/results/augment.md --append; done; done    # resnet20 likewise, with --val 2000
     # inverted residuals with a CIFAR stem (twelfth session; bench/cifar_shapes.py's MobileNetV2 at half width)
     python bench/train_cifar.py --arch cifar_mobilenet_v2_half --epochs 6
     python bench/recovery.py --model cifar_mobilenet_v2_half --criterion reconstruction --calib-sizes 1024 \
@@ -82,6 +86,9 @@ def main() -> None:
                         help=f"row labels to run, comma-separated, from: {', '.join(RECIPES)}")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--jsonl", default=None, help="also write one JSON line per cell to this file")
+    parser.add_argument("--augment", action="store_true",
+                        help="add mirrored and shifted copies of each calibration subset, as `compress` does with "
+                             "fewer than 1,024 images (compressor.augment)")
     parser.add_argument("--probe-ratios", default=None, type=probe_ratios_arg,
                         help="sensitivity probe widths as fractions in (0, 1), comma-separated, e.g. 0.8,0.6,0.3 "
                              "(default: the library's)")
@@ -93,6 +100,7 @@ def main() -> None:
 
     from compressor import budget as budget_mod
     from compressor import graph as graph_mod
+    from compressor.augment import augmented_count, expand
     from compressor.criteria import ScoringContext, get_criterion
     from compressor.data import load_images
     from compressor.recovery import RecoveryContext
@@ -121,6 +129,9 @@ def main() -> None:
     for n in sizes:
         # a strided subset: the loader returns images grouped by class
         calib = calib_all[torch.linspace(0, len(calib_all) - 1, n).round().long()]
+        sources = None
+        if args.augment:  # the criterion picked by the images given, as the pipeline does
+            calib, sources, _ = expand(calib, augmented_count(n), seed=0)
         scoring = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
         scores = get_criterion(args.criterion).score(scoring)
         full = graph_mod.estimate_macs(graph, {g.id: g.size for g in graph.groups if g.prunable})
@@ -138,13 +149,14 @@ def main() -> None:
             for label, names in recipes.items():
                 pruned = graph_mod.apply_plan(graph, plan)
                 ctx = RecoveryContext(original=graph.model, pruned=pruned.model, groups=graph.groups, plan=plan,
-                                      kept=pruned.kept, calib=calib, batch_size=128)
+                                      kept=pruned.kept, calib=calib, sources=sources, batch_size=128)
                 t1 = time.perf_counter()
                 info = run_recipe(names, ctx, measure=False)
                 rec_s = time.perf_counter() - t1
                 acc = accuracy(pruned.model, vx, vy)
                 results[(label, ratio, n)] = (acc, rec_s, alloc_s)
-                entry = {"recipe": label, "ratio": ratio, "calib": n, "flops_kept": macs / macs_full,
+                entry = {"recipe": label, "ratio": ratio, "calib": n, "augmented_to": len(calib),
+                         "flops_kept": macs / macs_full,
                          "accuracy": acc, "recovery_s": rec_s, "allocation_s": alloc_s,
                          "steps": info["steps"], "allocation": args.allocation, "criterion": args.criterion,
                          "probe_ratios": list(probe_ratios)}
@@ -161,14 +173,17 @@ def main() -> None:
         f"criterion {args.criterion}; width allocation: {args.allocation}"
         + (f" (probe widths {', '.join(map(str, probe_ratios))})" if args.allocation == "sensitivity" else "") + ". "
         "Cells: top-1 accuracy after recovery (change vs original, points). "
-        "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images). "
+        "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images"
+        + (", each set under 256 images brought up to min(1,024, 8x) images with mirrored and shifted copies "
+           "(--augment)" if args.augment else "") + "). "
         f"FLOPs kept (exact): {flops_text(log)}. No labels are used by any recovery method.",
         f"Recovery s: wall time of the recipe alone at 50% FLOPs with {max(sizes):,} images, {args.threads} "
         f"thread{'s' if args.threads != 1 else ''} on a "
         "shared 2-core machine (other jobs were running, so times are upper bounds).",
     ]
     title = (f"{args.model}: recovery without retraining "
-             f"({args.allocation} width allocation, criterion {args.criterion})")
+             f"({args.allocation} width allocation, criterion {args.criterion}"
+             + (", calibration images augmented" if args.augment else "") + ")")
     write_table(Path(args.out), title, header, rows, notes, append=args.append)
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(e) + "\n" for e in log))

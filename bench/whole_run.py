@@ -10,6 +10,7 @@ Writes bench/results/whole_run.md. Run: python bench/whole_run.py [--budgets 50,
 The faster recipe's table: python bench/whole_run.py --recovery lsq --append
 The other checkpoints of ../shared/models: --weights resnet20-cifar10-png.th (its depth is read from the
 name and passed as ``cifar_resnet.py:CifarResNet(depth=20)``, as a user would).
+Fewer calibration images: python bench/whole_run.py --calib-size 64 --seeds 0,1 --append (likewise 256).
 Without data (no --calib; images synthesized from the BatchNorm statistics, or none with 0):
 python bench/whole_run.py --synthesize 128 --append; python bench/whole_run.py --synthesize 0 --seeds 0 --append
 """
@@ -46,13 +47,19 @@ def model_spec(weights: str) -> str:
 
 
 def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
-             weights: str = DEFAULT_WEIGHTS, synthesize: int | None = None) -> tuple[dict, float, float]:
+             weights: str = DEFAULT_WEIGHTS, synthesize: int | None = None,
+             calib_size: int | None = None, augment: bool = False) -> tuple[dict, float, float]:
     """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process.
 
     ``synthesize``: run without ``--calib``, with ``--synthesize N`` (0: pruning by the weights alone).
+    ``calib_size``: ``--calib-size`` (None: compress's default, 1,024). ``augment``: pass ``--augment``.
     """
     data = (["--calib", str(TRAIN)] if synthesize is None
             else ["--input-shape", "3x32x32", "--synthesize", str(synthesize)])
+    if calib_size is not None and synthesize is None:
+        data += ["--calib-size", str(calib_size)]
+    if augment:
+        data += ["--augment"]
     cmd = [
         "compress", model_spec(weights), "--weights", str(MODELS / weights),
         "--budget", f"{budget}%flops", *data, "--eval", str(VAL),
@@ -81,6 +88,8 @@ def main() -> None:
     parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="checkpoint in ../shared/models")
     parser.add_argument("--synthesize", type=int, default=None,
                         help="no --calib: synthesize N calibration images (0: prune by the weights alone)")
+    parser.add_argument("--calib-size", type=int, default=None, help="--calib-size for compress [its default]")
+    parser.add_argument("--augment", action="store_true", help="pass --augment (copies of synthesized images too)")
     args = parser.parse_args()
     stages = STAGES if args.synthesize is None else ("synthesize", *STAGES)
     require_shared()
@@ -89,7 +98,7 @@ def main() -> None:
         for budget in (int(b) for b in args.budgets.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery,
-                                                   args.weights, args.synthesize)
+                                                   args.weights, args.synthesize, args.calib_size, args.augment)
                 acc, lat, t = report["accuracy"], report["latency"], report["timings_s"]
                 walls.append(wall)
                 rows.append([
@@ -102,10 +111,15 @@ def main() -> None:
     header = ["budget", "seed", "top-1 (original -> pruned)", "FLOPs kept", "params kept", "ORT batch-1 p50 ms",
               "stages s: " + " / ".join(stages), "process wall s", "peak GB"]
     extra = f" --recovery {args.recovery}" if args.recovery else ""
-    data = "--calib train.tar.gz"
+    data = "--calib train.tar.gz" + (f" --calib-size {args.calib_size}" if args.calib_size else "")
+    if args.calib_size and args.synthesize is None:
+        extra += f" --calib-size {args.calib_size}"
+    if args.augment:
+        extra += " --augment"
     if args.synthesize is not None:
         data = f"--input-shape 3x32x32 --synthesize {args.synthesize}"
         extra += f" --synthesize {args.synthesize}, no --calib"
+    data += " --augment" if args.augment else ""
     shown_model = model_spec(args.weights).replace(str(MODELS), "../shared/models")
     notes = [
         f"The README's reference command, as a user runs it (`compress '{shown_model}' "

@@ -189,6 +189,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def calibration_line(d: dict[str, Any]) -> str | None:
+    """What the run was calibrated on: images given or synthesized, and the copies added (None: not recorded)."""
+    if "calibration_images" not in d:
+        return None
+    count = d["calibration_images"]
+    if not count:
+        return "- Calibration: none (pruned by the weights alone)"
+    kind = "synthesized " if d.get("calibration_source") == "synthesized" else ""
+    line = f"- Calibration: {count:,} {kind}images"
+    if d.get("calibration_augmented"):
+        line += f", plus {d['calibration_augmented']:,} mirrored and shifted copies of them"
+    return line
+
+
 def render_markdown(d: dict[str, Any]) -> str:
     """A human-readable report."""
     out = [f"# Compression report: `{d['model']}`", ""]
@@ -196,6 +210,7 @@ def render_markdown(d: dict[str, Any]) -> str:
         f"- Budget: **{d['budget']['text']}** ({d['budget']['kind']}, target {d['budget']['target']:g})",
         f"- Criterion: `{d['criterion']}`; width allocation: `{d.get('allocation', 'global')}`",
         f"- Recovery: {', '.join(d['recovery']) or 'none'}",
+        *([line] if (line := calibration_line(d)) else []),
         "",
         "| quantity | original | pruned | kept |",
         "| --- | ---: | ---: | ---: |",

@@ -25,6 +25,9 @@ class RecoveryContext:
         kept: Replayable record: module name -> {"in": kept input indices, "out": kept output
             indices} in the original module's index space (absent key = dimension untouched).
         calib: Unlabelled calibration inputs (N x C x H x W, CPU), or None when data-free.
+        sources: For each calibration image, the index of the image it was copied from
+            (``compressor.augment``), so that held-out checks hold out whole source images; None:
+            every image is its own source.
         device: Torch device for the passes.
         batch_size: Batch size for the passes.
         log: Receives progress lines from long methods (None: silent).
@@ -36,6 +39,7 @@ class RecoveryContext:
     plan: Plan
     kept: dict[str, dict[str, list[int]]]
     calib: torch.Tensor | None
+    sources: torch.Tensor | None = None
     device: str = "cpu"
     batch_size: int = 64
     log: Callable[[str], None] | None = None

@@ -121,10 +121,11 @@ from compressor.recovery.common import (
     LAYER_TYPES,
     bf16_pays,
     bf16_supported,
+    held_out_mask,
     image_cap,
     in_bf16,
     require_calib,
-    spread,
+    spread_indices,
 )
 from compressor.recovery.lsq import _exec_order, _layers_to_fit, _trace_pair, refit_segment, run_node
 
@@ -264,12 +265,13 @@ def _run_batched(gm, start, body, x: torch.Tensor, bf16: bool = False) -> torch.
 
 def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tensor, *,
                        device: str = "cpu", steps: int | None = None, lr: float | None = None, seed: int = 0,
-                       log=None, refit: bool = False) -> dict:
+                       log=None, refit: bool = False, sources: torch.Tensor | None = None) -> dict:
     """Adam steps block by block on ``pruned`` (in place); returns per-block held-out errors.
 
     ``steps`` (per block) and ``lr`` default to STEPS and LEARNING_RATE; ``log`` receives a line per block.
     ``refit``: first refit each block's layers by least squares (``lsq``'s solve, fed the input the
-    repaired upstream produces), as ``lsq_block`` does.
+    repaired upstream produces), as ``lsq_block`` does. ``sources``: each image's source image
+    (``RecoveryContext.sources``); copies of a held-out image are held out with it.
     """
     steps = STEPS if steps is None else steps
     lr = LEARNING_RATE if lr is None else lr
@@ -284,9 +286,9 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
     to_orig = dict(zip(gm_p.graph.nodes, gm_o.graph.nodes, strict=True))
     index = _channel_index(gm_p, kept)
     blocks = find_blocks(gm_p)
-    calib = spread(calib, image_cap(original, calib, device)).to(device)
-    hold = torch.zeros(len(calib), dtype=torch.bool)
-    hold[::HOLDOUT_EVERY] = True
+    keep = spread_indices(len(calib), image_cap(original, calib, device))
+    hold = held_out_mask(len(keep), HOLDOUT_EVERY, sources[keep] if sources is not None else None)
+    calib = calib[keep].to(device)
     train = torch.nonzero(~hold).flatten()
     gen = torch.Generator().manual_seed(seed)
     original.eval()
@@ -486,6 +488,6 @@ class BlockwiseReconstruction(RecoveryMethod):
     def apply(self, ctx: RecoveryContext) -> None:
         calib = require_calib(ctx, self.name)
         self.last_info = reconstruct_blocks(ctx.original, ctx.pruned, ctx.kept, calib, device=ctx.device,
-                                            log=ctx.log)
+                                            log=ctx.log, sources=ctx.sources)
         if self.last_info["status"] == "skipped" and ctx.log is not None:
             ctx.log(f"block: skipped ({self.last_info['reason']})")

@@ -80,6 +80,17 @@ def spread_indices(total: int, count: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, max(1, count)).round().long()
 
 
+def held_out_mask(count: int, every: int, sources: torch.Tensor | None = None,
+                  limit: int | None = None) -> torch.Tensor:
+    """Mask of ``count`` images holding out every ``every``-th source image (at most ``limit``) with its copies.
+
+    ``sources``: the index of each image's source image (``RecoveryContext.sources``); None: each image is its own.
+    A fit graded on copies of its own images would look better than it is.
+    """
+    sources = torch.arange(count) if sources is None else sources
+    return torch.isin(sources, sources.unique()[::every][:limit])
+
+
 def module_or_none(model: nn.Module, name: str) -> nn.Module | None:
     try:
         return model.get_submodule(name)

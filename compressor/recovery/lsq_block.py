@@ -42,7 +42,7 @@ class InterleavedReconstruction(RecoveryMethod):
         calib = require_calib(ctx, self.name)
         ctx.pruned.eval()
         self.last_info = reconstruct_blocks(ctx.original, ctx.pruned, ctx.kept, calib, device=ctx.device,
-                                            log=ctx.log, refit=True)
+                                            log=ctx.log, refit=True, sources=ctx.sources)
         if self.last_info["status"] == "skipped":
             if ctx.log is not None:
                 ctx.log(f"lsq_block: no block steps ({self.last_info['reason']}); least squares alone")

@@ -40,7 +40,7 @@ from torch import nn
 from compressor.graph import lookup
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
-from compressor.recovery.common import BN_TYPES, LAYER_TYPES, require_calib
+from compressor.recovery.common import BN_TYPES, LAYER_TYPES, held_out_mask, require_calib
 
 STEPS = 300
 LEARNING_RATE = 3e-4  # Adam; 1e-3 diverged on ResNet-56
@@ -85,10 +85,11 @@ def feature_loss(ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor],
 
 def mimic(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tensor, *, device: str = "cpu",
           steps: int | None = None, lr: float | None = None, batch: int = BATCH, seed: int = 0,
-          log=None) -> dict:
+          log=None, sources: torch.Tensor | None = None) -> dict:
     """Adam steps on ``pruned``'s conv/linear parameters (in place); returns held-out losses and status.
 
     ``steps`` and ``lr`` default to STEPS and LEARNING_RATE; ``log`` receives a progress line now and then.
+    ``sources``: each image's source image; copies of a held-out image are held out with it.
     """
     steps = STEPS if steps is None else steps
     lr = LEARNING_RATE if lr is None else lr
@@ -100,8 +101,7 @@ def mimic(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tenso
     for n in names:
         out_idx = kept.get(n, {}).get("out")
         index[n] = torch.as_tensor(out_idx, dtype=torch.long, device=device) if out_idx else None
-    hold = torch.zeros(len(calib), dtype=torch.bool)
-    hold[torch.arange(0, len(calib), HOLDOUT_FRACTION)[:HOLDOUT_MAX]] = True
+    hold = held_out_mask(len(calib), HOLDOUT_FRACTION, sources, HOLDOUT_MAX)
     train, held = calib[~hold], calib[hold]
     taps_o, taps_p = _Taps(original, names), _Taps(pruned, names)
     flags = {p: p.requires_grad for p in pruned.parameters()}
@@ -176,4 +176,5 @@ class FeatureMimicking(RecoveryMethod):
 
     def apply(self, ctx: RecoveryContext) -> None:
         calib = require_calib(ctx, self.name)
-        self.last_info = mimic(ctx.original, ctx.pruned, ctx.kept, calib, device=ctx.device, log=ctx.log)
+        self.last_info = mimic(ctx.original, ctx.pruned, ctx.kept, calib, device=ctx.device, log=ctx.log,
+                               sources=ctx.sources)

@@ -51,8 +51,10 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
     """Apply the recovery methods ``names`` in order to ``ctx.pruned``.
 
     With ``measure`` and calibration data, up to HOLDOUT_MAX images (when there are at least
-    HOLDOUT_MIN_CALIB) are held out of the methods and used to report the pruned model's
-    top-1 agreement with the original and the KL divergence, before and after.
+    HOLDOUT_MIN_CALIB, copies not counted) are held out of the methods, with their copies
+    (``ctx.sources``), and used to report the pruned model's top-1 agreement with the original
+    and the KL divergence, before and after; with fewer, these are measured on the images
+    themselves (not their copies).
 
     When the held-out images end further from the original (KL divergence) than before the recipe,
     the recipe is undone: ``ctx.pruned`` gets its weights from before, and ``"reverted": True``.
@@ -72,15 +74,20 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
     run_ctx, probe, held_out = ctx, None, False
     if measure and ctx.calib is not None and len(ctx.calib) > 1:
         n = len(ctx.calib)
-        if n >= HOLDOUT_MIN_CALIB:
-            # a strided slice: calibration sets are often stored class by class
-            k = min(HOLDOUT_MAX, n // 8)
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[torch.linspace(0, n - 1, k).round().long()] = True
-            probe, held_out = ctx.calib[mask], True
-            run_ctx = dataclasses.replace(ctx, calib=ctx.calib[~mask])
+        sources = ctx.sources if ctx.sources is not None else torch.arange(n)
+        own = sources == torch.arange(n)  # the images themselves, not copies (compressor.augment)
+        count = int(own.sum())
+        if count >= HOLDOUT_MIN_CALIB:
+            # a strided slice of the source images (calibration sets are often stored class by class), held
+            # out with all their copies
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[torch.nonzero(own).flatten()[torch.linspace(0, count - 1, min(HOLDOUT_MAX, count // 8))
+                                                .round().long()]] = True
+            mask = chosen[sources]
+            probe, held_out = ctx.calib[mask & own], True
+            run_ctx = dataclasses.replace(ctx, calib=ctx.calib[~mask], sources=sources[~mask])
         else:
-            probe = ctx.calib
+            probe = ctx.calib[own]
     result: dict = {"recipe": names, "steps": []}
     before = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device) if probe is not None else None
     backup = copy.deepcopy(ctx.pruned) if held_out else None

@@ -137,3 +137,18 @@ def test_budget_note_when_the_final_measurement_misses_a_latency_budget(text, ki
     assert (f"short of the budget {text}" in render_markdown(report.data)) == (not met)
     if not met:
         assert any("1.28x" in line or "1.940 ms" in line for line in lines)
+
+
+@pytest.mark.parametrize(("calibration", "line"), [
+    ({}, None),
+    ({"calibration_images": 0, "calibration_source": "none"}, "- Calibration: none (pruned by the weights alone)"),
+    ({"calibration_images": 1024, "calibration_source": "data", "calibration_augmented": 0},
+     "- Calibration: 1,024 images"),
+    ({"calibration_images": 128, "calibration_source": "synthesized", "calibration_augmented": 896},
+     "- Calibration: 128 synthesized images, plus 896 mirrored and shifted copies of them"),
+])
+def test_the_markdown_says_what_the_run_was_calibrated_on(calibration, line):
+    report = _report(_latency((3.0, 3.1), (2.0, 2.1)))
+    report.data.update(calibration)
+    lines = render_markdown(report.data).splitlines()
+    assert [x for x in lines if x.startswith("- Calibration")] == ([line] if line else [])

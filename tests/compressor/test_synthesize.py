@@ -126,10 +126,18 @@ def test_without_calib_the_run_synthesizes_calibration_images_and_recovers_with_
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["calibration_source"] == "synthesized" and report["calibration_images"] == 72
+    assert report["calibration_augmented"] == 0  # copies of synthesized images only with --augment
     assert report["criterion"] == "reconstruction" and report["allocation"] == "sensitivity"
     assert report["recovery"] == ["lsq", "block"]
     assert report["flops"]["ratio"] <= 0.6 + 1e-9
     assert "synthesize" in report["timings_s"]
+
+
+def test_synthesized_images_get_mirrored_and_shifted_copies_when_asked_for(tmp_path, monkeypatch):
+    result, out = _run(tmp_path, monkeypatch, "--synthesize", "24", "--augment")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_images"] == 24 and report["calibration_augmented"] == 7 * 24
 
 
 def test_synthesize_zero_prunes_by_the_weights_alone(tmp_path, monkeypatch):

@@ -274,6 +274,32 @@ def test_recipe_that_leaves_held_out_images_further_from_the_original_is_undone(
     assert "reverted" not in helpful
 
 
+def test_the_recipe_holds_out_source_images_with_their_copies_and_grades_on_the_images_themselves(monkeypatch):
+    from compressor import augment
+    from compressor.recovery import recipe as recipe_mod
+    from compressor.recovery.base import RecoveryMethod
+
+    seen = {}
+
+    class Spy(RecoveryMethod):
+        name = "spy"
+
+        def apply(self, ctx):
+            seen["calib"], seen["sources"] = ctx.calib, ctx.sources
+
+    monkeypatch.setattr(recipe_mod, "get_recovery", lambda n: Spy() if n == "spy" else get_recovery(n))
+    case = make_case(calib_n=256)
+    calib, sources, _ = augment.expand(case.calib, 1024)
+    info = recipe_mod.run_recipe(["spy"], dataclasses.replace(case, calib=calib, sources=sources))
+    assert info["fidelity"]["held_out"] and info["fidelity"]["images"] == 32  # 256 // 8 source images
+    trained = set(seen["sources"].tolist())
+    assert len(trained) == 224 and len(seen["calib"]) == 224 * 4
+    few = make_case(calib_n=64)
+    calib, sources, _ = augment.expand(few.calib, 512)
+    info = recipe_mod.run_recipe(["spy"], dataclasses.replace(few, calib=calib, sources=sources))
+    assert not info["fidelity"]["held_out"] and info["fidelity"]["images"] == 64 and len(seen["calib"]) == 512
+
+
 def test_recipe_rejects_unknown_names():
     with pytest.raises(CompressorError, match="unknown recovery method"):
         run_recipe(["nope"], make_case())
