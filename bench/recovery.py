@@ -87,8 +87,8 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--jsonl", default=None, help="also write one JSON line per cell to this file")
     parser.add_argument("--augment", action="store_true",
-                        help="add mirrored and shifted copies of each calibration subset, as `compress` does with "
-                             "fewer than 1,024 images (compressor.augment)")
+                        help="recover with mirrored and shifted copies of each calibration subset added, as "
+                             "`compress` does below 256 real images (compressor.augment)")
     parser.add_argument("--probe-ratios", default=None, type=probe_ratios_arg,
                         help="sensitivity probe widths as fractions in (0, 1), comma-separated, e.g. 0.8,0.6,0.3 "
                              "(default: the library's)")
@@ -129,9 +129,9 @@ def main() -> None:
     for n in sizes:
         # a strided subset: the loader returns images grouped by class
         calib = calib_all[torch.linspace(0, len(calib_all) - 1, n).round().long()]
-        sources = None
-        if args.augment:  # the criterion picked by the images given, as the pipeline does
-            calib, sources, _ = expand(calib, augmented_count(n), seed=0)
+        recovery_images, sources = calib, None
+        if args.augment:  # the copies go to the recovery only, as in the pipeline
+            recovery_images, sources, _ = expand(calib, augmented_count(n), seed=0)
         scoring = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
         scores = get_criterion(args.criterion).score(scoring)
         full = graph_mod.estimate_macs(graph, {g.id: g.size for g in graph.groups if g.prunable})
@@ -149,13 +149,13 @@ def main() -> None:
             for label, names in recipes.items():
                 pruned = graph_mod.apply_plan(graph, plan)
                 ctx = RecoveryContext(original=graph.model, pruned=pruned.model, groups=graph.groups, plan=plan,
-                                      kept=pruned.kept, calib=calib, sources=sources, batch_size=128)
+                                      kept=pruned.kept, calib=recovery_images, sources=sources, batch_size=128)
                 t1 = time.perf_counter()
                 info = run_recipe(names, ctx, measure=False)
                 rec_s = time.perf_counter() - t1
                 acc = accuracy(pruned.model, vx, vy)
                 results[(label, ratio, n)] = (acc, rec_s, alloc_s)
-                entry = {"recipe": label, "ratio": ratio, "calib": n, "augmented_to": len(calib),
+                entry = {"recipe": label, "ratio": ratio, "calib": n, "augmented_to": len(recovery_images),
                          "flops_kept": macs / macs_full,
                          "accuracy": acc, "recovery_s": rec_s, "allocation_s": alloc_s,
                          "steps": info["steps"], "allocation": args.allocation, "criterion": args.criterion,
@@ -174,8 +174,8 @@ def main() -> None:
         + (f" (probe widths {', '.join(map(str, probe_ratios))})" if args.allocation == "sensitivity" else "") + ". "
         "Cells: top-1 accuracy after recovery (change vs original, points). "
         "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images"
-        + (", each set under 256 images brought up to min(1,024, 8x) images with mirrored and shifted copies "
-           "(--augment)" if args.augment else "") + "). "
+        + ("; the recovery's set, under 256 images, brought up to min(1,024, 8x) images with mirrored and shifted "
+           "copies (--augment)" if args.augment else "") + "). "
         f"FLOPs kept (exact): {flops_text(log)}. No labels are used by any recovery method.",
         f"Recovery s: wall time of the recipe alone at 50% FLOPs with {max(sizes):,} images, {args.threads} "
         f"thread{'s' if args.threads != 1 else ''} on a "
@@ -183,7 +183,7 @@ def main() -> None:
     ]
     title = (f"{args.model}: recovery without retraining "
              f"({args.allocation} width allocation, criterion {args.criterion}"
-             + (", calibration images augmented" if args.augment else "") + ")")
+             + (", recovery on copies too" if args.augment else "") + ")")
     write_table(Path(args.out), title, header, rows, notes, append=args.append)
     if args.jsonl:
         Path(args.jsonl).write_text("".join(json.dumps(e) + "\n" for e in log))

@@ -1,26 +1,27 @@
-"""More calibration images from few: mirrored and shifted copies of them (``--augment``).
+"""More calibration images from few: mirrored and shifted copies of them for the recovery (``--augment``).
 
-Every stage that fits something to the calibration images (the criterion's statistics, the width
-allocation's probes and refits, ``lsq`` and ``block``) does better with more of them: ResNet-56
-kept 2-3 points more at 50% / 40% FLOPs with 256 real images than with 64 (README, recovery
-table). A set of fewer than AUGMENT_BELOW real images therefore grows to MAX_FACTOR times its size (at
-most AUGMENT_TO) with copies of its images, each mirrored left to right with probability 1/2 and shifted by
-up to an eighth of its size (the border reflected), as image classifiers are trained.
+``lsq`` and ``block`` fit the pruned network to the original's activations on the calibration images,
+and fit better with more of them: ResNet-56 kept 2-3 points more at 50% / 40% FLOPs with 256 real
+images than with 64 (README, recovery table). With fewer than AUGMENT_BELOW images, real or
+synthesized (``compressor.synthesize``), the recovery therefore runs on the images plus copies of
+them, MAX_FACTOR times their number at most AUGMENT_TO, each copy mirrored left to right with
+probability 1/2 and shifted by up to an eighth of its size (the border reflected), as image
+classifiers are trained. The criterion and the width allocation keep the images alone.
 
 Copies keep the index of the image they come from (``sources``), so that held-out checks hold out
 whole source images and never grade a fit on copies of the images it was fitted to.
 
-Measured (eighteenth session, ``bench/results/augment.md``: ``bench/recovery.py``, criterion
-``reconstruction``, default allocation and recovery, seed 0). With 64 images, 512 after the copies,
-at 50% / 40% FLOPs: ResNet-56 82.58 / 79.82% -> 84.44 / 81.86%, ``vgg_cifar`` 77.10 / 74.48% ->
-77.26 / 75.30%, the CIFAR MobileNetV2 75.66 / 73.22% -> 75.44 / 74.06%, ResNet-20 (PNG-trained)
-72.60 / 67.20% -> 72.75 / 67.90%, the DigitsNet 99.11 / 99.11% -> 99.11 / 98.89%: +0.61 points on
-average. With 256 images brought up to 1,024 the cells moved by -0.75 to +1.80 points, +0.14 on
-average, for 3-12 s more recovery: hence AUGMENT_BELOW. Synthesized images (``compressor.synthesize``) get
-copies only when asked for (``--augment``): 128 of them brought up to 1,024 gave ResNet-56 84.84 /
-84.22% against 82.08 / 82.12% at 50% FLOPs (whole runs, seeds 0 / 1) and 81.16 / 80.94% against 79.54 /
-79.04% at 40%, but ResNet-20 (PNG-trained) 67.04 / 60.80% against 69.46 / 63.22% and ``vgg_cifar``
-73.08 / 70.56% against 74.90 / 72.22% at 50% / 40% (seed 0).
+Measured (eighteenth session, whole ``compress`` runs, seed 0, 5,000 val images; README "Few
+calibration images"). Images alone -> copies for the recovery, 50% / 40% FLOPs: ResNet-56 with 64
+images 81.52 / 79.46% -> 83.92 / 80.96%, with 32 images 80.54 / 73.32% -> 82.92 / 75.32%; ResNet-20
+(PNG-trained) with 64 74.20 / 66.50% -> 74.94 / 67.60%, with 32 68.02 / 61.32% -> 70.86 / 63.90%.
+A first version also fed the copies to the criterion and the allocation: +0.17 points on average
+over the same cells, and ResNet-20 with 32 images lost 7.3 points at 40% (its probe refits were
+fitted on copies of the probe images). With 256 images that version was level with the images alone
+(+0.14 points on average over eight cells of four networks, ``bench/results/augment.md``): hence
+AUGMENT_BELOW. 128 synthesized images: ResNet-56 82.08 / 79.54% -> 83.32 / 81.70%, ResNet-20 69.46 /
+63.22% -> 70.40 / 62.80%, ``vgg_cifar`` 74.90 / 72.22% -> 75.30 / 73.28% (the first version: 84.84 /
+81.16%, 67.04 / 60.80%, 73.08 / 70.56%).
 """
 
 from __future__ import annotations

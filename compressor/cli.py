@@ -86,10 +86,11 @@ def compress_command(
                                           "from the model's BatchNorm statistics (ZeroQ/DeepInversion) and recover "
                                           "with them; 0: prune by the weights alone [128 for a model with BatchNorm "
                                           "that is small enough: about 2 minutes for ResNet-56 on 2 CPU cores]."),
-    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Grow the calibration set with "
-                                        "mirrored and shifted copies of its images to 8x, at most 1,024 images "
-                                        "[on for fewer than 256 real images (ResNet-56 with 64 kept about 2 points "
-                                        "more), off for synthesized ones]; --no-augment: the images alone."),
+    augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Recover (lsq, block) on the "
+                                        "calibration images plus mirrored and shifted copies, 8x at most 1,024 "
+                                        "images; the criterion and the allocation see the images alone [on below "
+                                        "256 images, real or synthesized: ResNet-56 with 64 kept 1.5-2.4 points "
+                                        "more]; --no-augment: the images alone."),
     eval: Path | None = typer.Option(None, "--eval", help="Labelled images in class folders (label = index of "
                                         "the sorted folder name) for top-1 accuracy."),
     eval_size: int | None = typer.Option(None, help="Use at most this many evaluation images [all]."),

@@ -30,9 +30,9 @@ class CompressConfig:
         synthesize: Without ``calib``: images to synthesize from the model's BatchNorm statistics
             and use as calibration data (None: 128 when the model has BatchNorm layers and is small
             enough for the device, see ``synthesize.default_count``; 0: none, prune by the weights).
-        augment: Add mirrored and shifted copies of the calibration images (None: to fewer than
-            ``augment.AUGMENT_BELOW`` real images, not to synthesized ones; False: never; True: to
-            any set under ``augment.AUGMENT_TO``; see ``augment.augmented_count``).
+        augment: Recover with mirrored and shifted copies of the calibration images added (None:
+            for fewer than ``augment.AUGMENT_BELOW`` images, real or synthesized; False: never; True:
+            for any set under ``augment.AUGMENT_TO``; see ``augment.augmented_count``).
         eval: Labelled images in class folders for top-1 accuracy; None skips accuracy.
         eval_size: Use at most this many evaluation images (None: all).
         eval_before_recovery: Also measure the accuracy of the pruned model before recovery

@@ -121,20 +121,21 @@ def _check_classes(data: ImageSet | None, outputs: int, option: str, stages: Sta
                     f"in sorted order ({data.classes[0]!r}, ...), so they must be the model's first {folders} classes")
 
 
-def _augmented(calib: ImageSet, seed: int, forced: bool, stages: Stages) -> tuple[ImageSet, torch.Tensor | None]:
-    """``calib`` with mirrored and shifted copies (``augment.augmented_count``), and each image's source index."""
+def _augmented(images: torch.Tensor, seed: int, forced: bool,
+               stages: Stages) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``images`` and mirrored and shifted copies (``augment.augmented_count``), and each one's source index."""
     from compressor.augment import AUGMENT_TO, augmented_count, expand
 
-    n = len(calib.images)
+    n = len(images)
     count = augmented_count(n, forced)
     if count <= n:
         if forced:
             stages.note(f"--augment: {n} calibration images, {AUGMENT_TO} or more: no copies added")
-        return calib, None
+        return images, None
     with stages.stage("augment", f"adding {count - n} mirrored and shifted copies of the {n} calibration images "
-                                 "(--no-augment: none)"):
-        images, sources, labels = expand(calib.images, count, seed, calib.labels)
-    return ImageSet(images, labels, calib.classes), sources
+                                 "for the recovery (--no-augment: none)"):
+        images, sources, _ = expand(images, count, seed)
+    return images, sources
 
 
 def _synthesized_calibration(config: CompressConfig, model: nn.Module, input_shape: tuple, classes: int,
@@ -242,10 +243,9 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     criterion = get_criterion(config.criterion_for(calib_count))
     if criterion.needs_data and calib is None:
         raise CompressorError(f"criterion {criterion.name!r} needs calibration data; pass --calib or choose l1")
-    sources = None
-    # real images only by default: synthesized ones gained on ResNet-56 but lost on ResNet-20 and vgg_cifar
-    if calib is not None and (config.augment or (config.augment is None and not synthesized)):
-        calib, sources = _augmented(calib, config.seed, bool(config.augment), stages)
+    recovery_images, sources = (calib.images if calib is not None else None), None
+    if calib is not None and config.augment is not False:
+        recovery_images, sources = _augmented(calib.images, config.seed, bool(config.augment), stages)
     with stages.stage("graph", "building the channel dependency graph"):
         graph = graph_mod.build_graph(
             model, example, ignore=config.ignore, min_channels=config.min_channels or 1,
@@ -307,7 +307,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
             rctx = RecoveryContext(
                 original=original, pruned=pruned.model, groups=graph.groups, plan=plan, kept=pruned.kept,
-                calib=calib.images if calib is not None else None, sources=sources, log=stages.note,
+                calib=recovery_images, sources=sources, log=stages.note,
             )
             recovery_info = run_recipe(list(recipe), rctx)
             if recovery_info.get("reverted"):
@@ -354,7 +354,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         "export": export_info,
         "input_shape": list(input_shape),
         "calibration_images": calib_count,
-        "calibration_augmented": int(calib.images.shape[0]) - calib_count if calib is not None else 0,
+        "calibration_augmented": len(recovery_images) - calib_count if recovery_images is not None else 0,
         "calibration_source": "synthesized" if synthesized else ("data" if calib is not None else "none"),
         "layers": [{"root": g.root, "kept": int(counts.get(g.id, g.size)), "size": g.size}
                    for g in graph.groups if g.prunable],

@@ -78,3 +78,24 @@ def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
     return model.eval()
+
+
+@pytest.fixture
+def bn_net_file(tmp_path) -> Path:
+    """A model file with ``Net`` (two conv-BN-ReLU layers and a 5-class head, initial BatchNorm statistics)
+    and ``Trained`` (the same with the statistics moved, as training leaves them)."""
+    path = tmp_path / "net.py"
+    path.write_text(
+        "import torch.nn as nn\n"
+        "def Net():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))\n"
+        "def Trained():\n"
+        "    net = Net()\n"
+        "    for m in net.modules():\n"
+        "        if isinstance(m, nn.BatchNorm2d):\n"
+        "            m.running_mean.fill_(0.3); m.running_var.fill_(2.0)\n"
+        "    return net\n"
+    )
+    return path

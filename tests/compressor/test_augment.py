@@ -1,5 +1,5 @@
-"""Mirrored and shifted copies of few calibration images (``compressor.augment``), the held-out checks that
-hold out whole source images, and the pipeline's ``--augment`` default."""
+"""Mirrored and shifted copies of few calibration images for the recovery (``compressor.augment``), the
+held-out checks that hold out whole source images, and the pipeline's ``--augment`` default."""
 
 from __future__ import annotations
 
@@ -73,19 +73,13 @@ def test_held_out_masks_take_whole_source_images_and_match_the_plain_stride_with
     assert held == {0, 8, 16, 24} and not (set(sources[~mask].tolist()) & held)
 
 
-def _cli(tmp_path, *extra: str, images: int = 40):
+def _cli(models, *extra: str, images: int = 40):
+    """``compress`` on ``models`` (the ``bn_net_file`` fixture) with ``images`` random calibration images."""
     from typer.testing import CliRunner
 
     from compressor.cli import app
 
-    models = tmp_path / "net.py"
-    models.write_text(
-        "import torch.nn as nn\n"
-        "def Net():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
-        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))\n"
-    )
+    tmp_path = models.parent
     data = tmp_path / "calib.pt"
     torch.save(make_images(images, size=12), data)
     out = tmp_path / "out"
@@ -95,21 +89,22 @@ def _cli(tmp_path, *extra: str, images: int = 40):
     return json.loads((out / "report.json").read_text()), result.output
 
 
-def test_a_run_with_few_calibration_images_adds_copies_unless_told_not_to(tmp_path):
-    report, output = _cli(tmp_path)
+def test_a_run_with_few_calibration_images_adds_copies_unless_told_not_to(bn_net_file):
+    report, output = _cli(bn_net_file)
     assert report["calibration_images"] == 40 and report["calibration_augmented"] == 280
     assert "adding 280 mirrored and shifted copies of the 40 calibration images" in output
     assert report["criterion"] == "l1"  # chosen by the images given, not the copies
     assert "augment" in report["timings_s"]
-    report, _ = _cli(tmp_path, "--no-augment")
-    assert report["calibration_images"] == 40 and report["calibration_augmented"] == 0
-    assert "augment" not in report["timings_s"]
+    plain, _ = _cli(bn_net_file, "--no-augment")
+    assert plain["calibration_images"] == 40 and plain["calibration_augmented"] == 0
+    assert "augment" not in plain["timings_s"]
+    assert plain["layers"] == report["layers"]  # the criterion and the allocation see the images alone
 
 
-def test_sets_of_256_or_more_get_copies_only_when_asked_for(tmp_path):
-    report, _ = _cli(tmp_path, "--calib-size", "20", images=300)
+def test_sets_of_256_or_more_get_copies_only_when_asked_for(bn_net_file):
+    report, _ = _cli(bn_net_file, "--calib-size", "20", images=300)
     assert report["calibration_images"] == 20 and report["calibration_augmented"] == 140
-    report, _ = _cli(tmp_path, images=300)
+    report, _ = _cli(bn_net_file, images=300)
     assert report["calibration_images"] == 300 and report["calibration_augmented"] == 0
-    report, _ = _cli(tmp_path, "--augment", images=300)
+    report, _ = _cli(bn_net_file, "--augment", images=300)
     assert report["calibration_images"] == 300 and report["calibration_augmented"] == 724

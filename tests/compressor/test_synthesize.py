@@ -95,53 +95,40 @@ def test_default_count_needs_batchnorm_and_a_model_small_enough_for_the_device()
     assert count == 0 and "initial" in why
 
 
-def _run(tmp_path, monkeypatch, *extra: str, model: str = "Trained"):
+def _run(models, monkeypatch, *extra: str, model: str = "Trained"):
+    """``compress`` on ``models`` (the ``bn_net_file`` fixture) without --calib; (result, output folder)."""
     from typer.testing import CliRunner
 
     from compressor.cli import app
 
     monkeypatch.setattr(synthesize, "STEPS", 20)
-    models = tmp_path / "net.py"
-    models.write_text(
-        "import torch.nn as nn\n"
-        "def Net():\n"
-        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
-        "                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),\n"
-        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))\n"
-        "def Trained():  # BatchNorm statistics moved from their initial values, as training leaves them\n"
-        "    net = Net()\n"
-        "    for m in net.modules():\n"
-        "        if isinstance(m, nn.BatchNorm2d):\n"
-        "            m.running_mean.fill_(0.3); m.running_var.fill_(2.0)\n"
-        "    return net\n"
-    )
-    out = tmp_path / "out"
+    out = models.parent / "out"
     result = CliRunner().invoke(app, ["compress", f"{models}:{model}", "--budget", "60%flops", "--input-shape",
                                       "3x12x12", "--no-latency", "--out", str(out), "--force", *extra])
     return result, out
 
 
-def test_without_calib_the_run_synthesizes_calibration_images_and_recovers_with_them(tmp_path, monkeypatch):
-    result, out = _run(tmp_path, monkeypatch, "--synthesize", "72")
+def test_without_calib_the_run_synthesizes_calibration_images_and_recovers_with_them(bn_net_file, monkeypatch):
+    result, out = _run(bn_net_file, monkeypatch, "--synthesize", "72")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["calibration_source"] == "synthesized" and report["calibration_images"] == 72
-    assert report["calibration_augmented"] == 0  # copies of synthesized images only with --augment
+    assert report["calibration_augmented"] == 7 * 72  # the recovery's copies, as for few real images
     assert report["criterion"] == "reconstruction" and report["allocation"] == "sensitivity"
     assert report["recovery"] == ["lsq", "block"]
     assert report["flops"]["ratio"] <= 0.6 + 1e-9
     assert "synthesize" in report["timings_s"]
 
 
-def test_synthesized_images_get_mirrored_and_shifted_copies_when_asked_for(tmp_path, monkeypatch):
-    result, out = _run(tmp_path, monkeypatch, "--synthesize", "24", "--augment")
+def test_no_augment_recovers_on_the_synthesized_images_alone(bn_net_file, monkeypatch):
+    result, out = _run(bn_net_file, monkeypatch, "--synthesize", "24", "--no-augment")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["calibration_images"] == 24 and report["calibration_augmented"] == 7 * 24
+    assert report["calibration_images"] == 24 and report["calibration_augmented"] == 0
 
 
-def test_synthesize_zero_prunes_by_the_weights_alone(tmp_path, monkeypatch):
-    result, out = _run(tmp_path, monkeypatch, "--synthesize", "0")
+def test_synthesize_zero_prunes_by_the_weights_alone(bn_net_file, monkeypatch):
+    result, out = _run(bn_net_file, monkeypatch, "--synthesize", "0")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["calibration_source"] == "none" and report["calibration_images"] == 0
@@ -152,19 +139,19 @@ def test_synthesize_zero_prunes_by_the_weights_alone(tmp_path, monkeypatch):
     (("--synthesize", "-1"), "--synthesize -1 must be 0"),
     (("--synthesize", "8", "--calib", "images.pt"), "replaces --calib"),
 ])
-def test_bad_synthesize_values_fail_with_one_line(tmp_path, monkeypatch, extra, message):
-    result, _ = _run(tmp_path, monkeypatch, *extra)
+def test_bad_synthesize_values_fail_with_one_line(bn_net_file, monkeypatch, extra, message):
+    result, _ = _run(bn_net_file, monkeypatch, *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output
 
 
 @pytest.mark.parametrize("asked", [False, True], ids=["default", "asked-for"])
-def test_a_failed_synthesis_falls_back_to_the_weights_unless_asked_for(tmp_path, monkeypatch, asked):
+def test_a_failed_synthesis_falls_back_to_the_weights_unless_asked_for(bn_net_file, monkeypatch, asked):
     def broken(*args, **kwargs):
         raise RuntimeError("this model's forward cannot be differentiated")
 
     monkeypatch.setattr(synthesize, "synthesize", broken)
-    result, out = _run(tmp_path, monkeypatch, *(("--synthesize", "16") if asked else ()))
+    result, out = _run(bn_net_file, monkeypatch, *(("--synthesize", "16") if asked else ()))
     if asked:
         assert result.exit_code == 1 and "--synthesize failed (RuntimeError" in result.output
         assert not out.exists()
@@ -180,8 +167,8 @@ def test_synthesis_follows_the_model_dtype():
     assert images.dtype == torch.float32 and images.shape == (4, 3, 8, 8)
 
 
-def test_an_untrained_model_is_not_synthesized_from_by_default(tmp_path, monkeypatch):
-    result, out = _run(tmp_path, monkeypatch, model="Net")
+def test_an_untrained_model_is_not_synthesized_from_by_default(bn_net_file, monkeypatch):
+    result, out = _run(bn_net_file, monkeypatch, model="Net")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "report.json").read_text())["calibration_source"] == "none"
     assert "initial ones" in result.output and "--synthesize 128" in result.output
