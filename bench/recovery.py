@@ -131,7 +131,7 @@ def main() -> None:
         calib = calib_all[torch.linspace(0, len(calib_all) - 1, n).round().long()]
         recovery_images, sources = calib, None
         if args.augment:  # the copies go to the recovery only, as in the pipeline
-            recovery_images, sources, _ = expand(calib, augmented_count(n), seed=0)
+            recovery_images, sources = expand(calib, augmented_count(n), seed=0)
         scoring = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
         scores = get_criterion(args.criterion).score(scoring)
         full = graph_mod.estimate_macs(graph, {g.id: g.size for g in graph.groups if g.prunable})

@@ -43,12 +43,12 @@ def augmented_count(n: int, forced: bool = False) -> int:
 
 
 def shift_of(height: int, width: int) -> int:
-    """Largest shift in pixels: an eighth of the shorter side (4 for 32x32), at least 1, less than both sides."""
-    return max(1, min(min(height, width) // 8, height - 1, width - 1))
+    """Largest shift in pixels: an eighth of the shorter side (4 for 32x32), at least 1 but less than both
+    sides (0 for an image one pixel high or wide: reflection needs a neighbour)."""
+    return min(max(1, min(height, width) // 8), height - 1, width - 1)
 
 
-def expand(images: torch.Tensor, count: int, seed: int = 0,
-           labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def expand(images: torch.Tensor, count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``images`` followed by ``count - len(images)`` flipped and shifted copies of them.
 
     Copy ``j`` (0-based after the originals) comes from image ``j mod len(images)``: each image is
@@ -58,16 +58,15 @@ def expand(images: torch.Tensor, count: int, seed: int = 0,
         images: N x C x H x W calibration images (normalized; the reflection keeps their statistics).
         count: Images wanted in all; ``count <= N`` returns the images unchanged.
         seed: Seed of the flips and shifts.
-        labels: Optional N labels, repeated for the copies (a flip or shift keeps an image's class).
 
     Returns:
-        (images, sources, labels): the expanded set, the index of each image's source image, and the
-        labels of the expanded set (None without ``labels``).
+        (images, sources): the expanded set and the index of each image's source image (labels of the
+        expanded set, should a caller have them: ``labels[sources]``).
     """
     n = len(images)
-    sources = torch.arange(max(n, count)) % max(1, n)
     if count <= n or n == 0:
-        return images, torch.arange(n), labels
+        return images, torch.arange(n)
+    sources = torch.arange(count) % n
     extra = sources[n:]
     gen = torch.Generator().manual_seed(seed)
     height, width = images.shape[-2:]
@@ -80,5 +79,4 @@ def expand(images: torch.Tensor, count: int, seed: int = 0,
     left = torch.randint(0, 2 * pad + 1, (len(extra),), generator=gen).tolist()
     for i, (dy, dx) in enumerate(zip(top, left, strict=True)):
         copies[i] = padded[i, :, dy : dy + height, dx : dx + width]
-    out_labels = labels[sources] if labels is not None else None
-    return torch.cat([images, copies]).contiguous(), sources, out_labels
+    return torch.cat([images, copies]).contiguous(), sources

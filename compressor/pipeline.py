@@ -134,7 +134,7 @@ def _augmented(images: torch.Tensor, seed: int, forced: bool,
         return images, None
     with stages.stage("augment", f"adding {count - n} mirrored and shifted copies of the {n} calibration images "
                                  "for the recovery (--no-augment: none)"):
-        images, sources, _ = expand(images, count, seed)
+        images, sources = expand(images, count, seed)
     return images, sources
 
 

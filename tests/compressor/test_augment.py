@@ -30,8 +30,8 @@ def test_asked_for_copies_grow_any_set_under_1024(n, expected):
 
 def test_each_copy_is_its_source_mirrored_or_not_and_shifted_by_at_most_an_eighth():
     x = make_images(5, size=16)
-    out, sources, labels = augment.expand(x, 23, seed=3)
-    assert out.shape == (23, 3, 16, 16) and labels is None
+    out, sources = augment.expand(x, 23, seed=3)
+    assert out.shape == (23, 3, 16, 16)
     assert torch.equal(out[:5], x) and sources.tolist() == [i % 5 for i in range(23)]
     pad = augment.shift_of(16, 16)
     assert pad == 2
@@ -47,20 +47,27 @@ def test_each_copy_is_its_source_mirrored_or_not_and_shifted_by_at_most_an_eight
     assert 0 < flipped < 18  # both kinds occur
 
 
-def test_expansion_is_deterministic_with_the_seed_and_repeats_the_labels():
+def test_expansion_is_deterministic_with_the_seed_and_its_sources_carry_the_labels():
     x, labels = make_images(6), torch.arange(6)
-    a, _, la = augment.expand(x, 30, seed=1, labels=labels)
-    b, _, _ = augment.expand(x, 30, seed=1, labels=labels)
-    c, _, _ = augment.expand(x, 30, seed=2, labels=labels)
+    a, sa = augment.expand(x, 30, seed=1)
+    b, _ = augment.expand(x, 30, seed=1)
+    c, _ = augment.expand(x, 30, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert la.tolist() == [i % 6 for i in range(30)]
-    same, sources, _ = augment.expand(x, 6)
+    assert labels[sa].tolist() == [i % 6 for i in range(30)]
+    same, sources = augment.expand(x, 6)
     assert same is x and sources.tolist() == list(range(6))
 
 
 def test_tiny_images_shift_by_one_pixel():
-    out, _, _ = augment.expand(make_images(2, size=2), 6)
+    out, _ = augment.expand(make_images(2, size=2), 6)
     assert out.shape == (6, 3, 2, 2) and augment.shift_of(2, 2) == 1
+
+
+def test_images_one_pixel_high_are_only_mirrored():
+    x = torch.randn(3, 2, 1, 9, generator=torch.Generator().manual_seed(0))
+    out, sources = augment.expand(x, 12)
+    assert augment.shift_of(1, 9) == 0 and out.shape == (12, 2, 1, 9)
+    assert all(torch.equal(c, x[s]) or torch.equal(c, x[s].flip(-1)) for c, s in zip(out, sources, strict=True))
 
 
 def test_held_out_masks_take_whole_source_images_and_match_the_plain_stride_without_sources():

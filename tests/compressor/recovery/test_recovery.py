@@ -289,13 +289,13 @@ def test_the_recipe_holds_out_source_images_with_their_copies_and_grades_on_the_
 
     monkeypatch.setattr(recipe_mod, "get_recovery", lambda n: Spy() if n == "spy" else get_recovery(n))
     case = make_case(calib_n=256)
-    calib, sources, _ = augment.expand(case.calib, 1024)
+    calib, sources = augment.expand(case.calib, 1024)
     info = recipe_mod.run_recipe(["spy"], dataclasses.replace(case, calib=calib, sources=sources))
     assert info["fidelity"]["held_out"] and info["fidelity"]["images"] == 32  # 256 // 8 source images
     trained = set(seen["sources"].tolist())
     assert len(trained) == 224 and len(seen["calib"]) == 224 * 4
     few = make_case(calib_n=64)
-    calib, sources, _ = augment.expand(few.calib, 512)
+    calib, sources = augment.expand(few.calib, 512)
     info = recipe_mod.run_recipe(["spy"], dataclasses.replace(few, calib=calib, sources=sources))
     assert not info["fidelity"]["held_out"] and info["fidelity"]["images"] == 64 and len(seen["calib"]) == 512
 
