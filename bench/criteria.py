@@ -23,6 +23,7 @@ import time
 import torch
 from common import REPO, require_shared, run_cifar
 
+from compressor.augment import augmented_count
 from compressor.criteria import get_criterion, list_criteria
 from compressor.recovery.recipe import DEFAULT_RECIPE
 from compressor.sensitivity import PROBE_RATIOS
@@ -65,12 +66,15 @@ def key(r: dict) -> tuple:
     return (r["model"], r["budget"], r["calib"], r["criterion"])
 
 
-def settings(criterion: str) -> dict:
-    """What a row's numbers depend on besides its key: the default recipe, and the probe widths of the
-    sensitivity allocation (``NAME@sensitivity``)."""
+def settings(criterion: str, calib: int) -> dict:
+    """What a row's numbers depend on besides its key: the default recipe, the probe widths of the
+    sensitivity allocation (``NAME@sensitivity``), and how many images the recovery fits on when the
+    pipeline adds copies of a small calibration set (``compressor.augment``)."""
     out: dict = {"recipe": RECIPE}
     if criterion.partition("@")[2] == "sensitivity":
         out["probe_ratios"] = list(PROBE_RATIOS)
+    if augmented_count(calib) != calib:
+        out["recovery_images"] = augmented_count(calib)
     return out
 
 
@@ -82,13 +86,13 @@ def load_rows() -> dict[tuple, dict]:
         for line in JSONL.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                if any(r.get(k) != v for k, v in settings(r["criterion"]).items()):
+                if any(r.get(k) != v for k, v in settings(r["criterion"], r["calib"]).items()):
                     stale.add(key(r))
                     continue
                 rows[key(r)] = r
     if stale - rows.keys():
-        print(f"{len(stale - rows.keys())} row(s) in {JSONL.name} were measured with another recovery recipe or "
-              "other probe widths than today's; measuring again")
+        print(f"{len(stale - rows.keys())} row(s) in {JSONL.name} were measured with another recovery recipe, other "
+              "probe widths or another number of recovery images than today's; measuring again")
     return rows
 
 
@@ -175,7 +179,7 @@ def main() -> None:
         for calib in (int(c) for c in args.calib.split(",")):
             for budget in args.budgets.split(","):
                 for crit in args.criteria.split(","):
-                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, **settings(crit),
+                    row = {"model": model, "budget": budget, "calib": calib, "criterion": crit, **settings(crit, calib),
                            "threads": args.threads}
                     if key(row) in rows and not args.redo:
                         continue

@@ -40,6 +40,10 @@ Run (the tables of bench/results/recovery.md, first part; R=none,bn,bias+bn,lsq,
     for m in resnet56 vgg_cifar cifar_mobilenet_v2_half digits; do for a in "" --augment; do
         python bench/recovery.py --model $m --criterion reconstruction --calib-sizes 64,256 --recipes lsq+block $a \
             --out bench/results/augment.md --append; done; done    # resnet20 likewise, with --val 2000
+    # the threshold (nineteenth session): 256 and 512 images brought to 1,024 (512 also without --augment)
+    for m in resnet56 vgg_cifar cifar_mobilenet_v2_half digits; do
+        python bench/recovery.py --model $m --criterion reconstruction --calib-sizes 256 --recipes lsq+block \
+            --augment --threads 1 --out bench/results/augment.md --append; done    # resnet20 with --val 2000
     # inverted residuals with a CIFAR stem (twelfth session; bench/cifar_shapes.py's MobileNetV2 at half width)
     python bench/train_cifar.py --arch cifar_mobilenet_v2_half --epochs 6
     python bench/recovery.py --model cifar_mobilenet_v2_half --criterion reconstruction --calib-sizes 1024 \
@@ -88,7 +92,8 @@ def main() -> None:
     parser.add_argument("--jsonl", default=None, help="also write one JSON line per cell to this file")
     parser.add_argument("--augment", action="store_true",
                         help="recover with mirrored and shifted copies of each calibration subset added, as "
-                             "`compress` does below 256 real images (compressor.augment)")
+                             "`compress --augment` does (below 512 images by default, forced for 512-1,023: "
+                             "compressor.augment)")
     parser.add_argument("--probe-ratios", default=None, type=probe_ratios_arg,
                         help="sensitivity probe widths as fractions in (0, 1), comma-separated, e.g. 0.8,0.6,0.3 "
                              "(default: the library's)")
@@ -131,7 +136,7 @@ def main() -> None:
         calib = calib_all[torch.linspace(0, len(calib_all) - 1, n).round().long()]
         recovery_images, sources = calib, None
         if args.augment:  # the copies go to the recovery only, as in the pipeline
-            recovery_images, sources = expand(calib, augmented_count(n), seed=0)
+            recovery_images, sources = expand(calib, augmented_count(n, forced=True), seed=0)
         scoring = ScoringContext(model=graph.model, groups=graph.groups, calib=calib)
         scores = get_criterion(args.criterion).score(scoring)
         full = graph_mod.estimate_macs(graph, {g.id: g.size for g in graph.groups if g.prunable})
@@ -174,7 +179,7 @@ def main() -> None:
         + (f" (probe widths {', '.join(map(str, probe_ratios))})" if args.allocation == "sensitivity" else "") + ". "
         "Cells: top-1 accuracy after recovery (change vs original, points). "
         "Columns: FLOPs kept / calibration images (seed 0, strided subset of the training images"
-        + ("; the recovery's set, under 256 images, brought up to min(1,024, 8x) images with mirrored and shifted "
+        + ("; the recovery's set brought up to min(1,024, 8x) images with mirrored and shifted "
            "copies (--augment)" if args.augment else "") + "). "
         f"FLOPs kept (exact): {flops_text(log)}. No labels are used by any recovery method.",
         f"Recovery s: wall time of the recipe alone at 50% FLOPs with {max(sizes):,} images, {args.threads} "

@@ -17,13 +17,13 @@ def make_images(n: int, size: int = 8) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n))
 
 
-@pytest.mark.parametrize("n, expected", [(1, 8), (64, 512), (128, 1024), (200, 1024), (255, 1024), (256, 256),
+@pytest.mark.parametrize("n, expected", [(1, 8), (64, 512), (128, 1024), (256, 1024), (511, 1024), (512, 512),
                                          (1024, 1024), (2000, 2000)])
-def test_sets_under_256_grow_toward_the_default_calibration_size_with_at_most_eight_images_a_source(n, expected):
+def test_sets_under_512_grow_toward_the_default_calibration_size_with_at_most_eight_images_a_source(n, expected):
     assert augment.augmented_count(n) == expected
 
 
-@pytest.mark.parametrize("n, expected", [(64, 512), (256, 1024), (300, 1024), (1024, 1024), (2000, 2000)])
+@pytest.mark.parametrize("n, expected", [(64, 512), (256, 1024), (600, 1024), (1024, 1024), (2000, 2000)])
 def test_asked_for_copies_grow_any_set_under_1024(n, expected):
     assert augment.augmented_count(n, forced=True) == expected
 
@@ -108,10 +108,10 @@ def test_a_run_with_few_calibration_images_adds_copies_unless_told_not_to(bn_net
     assert plain["layers"] == report["layers"]  # the criterion and the allocation see the images alone
 
 
-def test_sets_of_256_or_more_get_copies_only_when_asked_for(bn_net_file):
-    report, _ = _cli(bn_net_file, "--calib-size", "20", images=300)
+def test_sets_of_512_or_more_get_copies_only_when_asked_for(bn_net_file):
+    report, _ = _cli(bn_net_file, "--calib-size", "20", images=600)
     assert report["calibration_images"] == 20 and report["calibration_augmented"] == 140
-    report, _ = _cli(bn_net_file, images=300)
-    assert report["calibration_images"] == 300 and report["calibration_augmented"] == 0
-    report, _ = _cli(bn_net_file, "--augment", images=300)
-    assert report["calibration_images"] == 300 and report["calibration_augmented"] == 724
+    report, _ = _cli(bn_net_file, images=600)
+    assert report["calibration_images"] == 600 and report["calibration_augmented"] == 0
+    report, _ = _cli(bn_net_file, "--augment", images=600)
+    assert report["calibration_images"] == 600 and report["calibration_augmented"] == 424
