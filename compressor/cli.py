@@ -89,7 +89,7 @@ def compress_command(
     augment: bool | None = typer.Option(None, "--augment/--no-augment", help="Recover (lsq, block) on the "
                                         "calibration images plus mirrored and shifted copies, 8x at most 1,024 "
                                         "images; the criterion and the allocation see the images alone [on below "
-                                        "512 images, real or synthesized: ResNet-56 with 64 kept 1.5-2.4 points "
+                                        "512 images, real or synthesized: ResNet-56 with 64 kept 2.4-3.0 points "
                                         "more]; --no-augment: the images alone."),
     eval: Path | None = typer.Option(None, "--eval", help="Labelled images in class folders (label = index of "
                                         "the sorted folder name) for top-1 accuracy."),

@@ -28,13 +28,13 @@ def test_asked_for_copies_grow_any_set_under_1024(n, expected):
     assert augment.augmented_count(n, forced=True) == expected
 
 
-def test_each_copy_is_its_source_mirrored_or_not_and_shifted_by_at_most_an_eighth():
+def test_each_copy_is_its_source_mirrored_or_not_and_shifted_by_at_most_a_quarter():
     x = make_images(5, size=16)
     out, sources = augment.expand(x, 23, seed=3)
     assert out.shape == (23, 3, 16, 16)
     assert torch.equal(out[:5], x) and sources.tolist() == [i % 5 for i in range(23)]
     pad = augment.shift_of(16, 16)
-    assert pad == 2
+    assert pad == 4
     flipped = 0
     for copy, src in zip(out[5:], sources[5:], strict=True):
         matches = []
