@@ -32,7 +32,7 @@ image against an eighth, ``bench/recovery.py --augment``, ResNet-56 +0.10 / +0.3
 84.48 / 81.88% and 84.24 / 81.50% against 83.92 / 80.96% and 83.64 / 80.88%; ResNet-20 (seed 0)
 74.98 / 67.26% against 74.94 / 67.60%. Up to a sixteenth lost 0.54 points on average on the two
 ResNets (bench). With 128 synthesized images, ResNet-56 (seed 0): 83.38 / 81.68% against 83.32 / 81.70%.
-Hence SHIFT_DIVISOR = 4 (an eighth before; the figures below ran with an eighth).
+Hence SHIFT_DIVISOR = 4 (an eighth before; every other figure here ran with an eighth).
 
 128 synthesized images: ResNet-56 82.08 / 79.54% -> 83.32 / 81.70%, ResNet-20 69.46 / 63.22% -> 70.40 /
 62.80%, ``vgg_cifar`` 74.90 / 72.22% -> 75.30 / 73.28% (the first version: 84.84 / 81.16%, 67.04 / 60.80%,
