@@ -27,6 +27,16 @@ session the recovery also runs on mirrored and shifted copies of the images (``c
 as for few real images): 83.32% / 81.70% (seed 0). Fed to every stage, the copies had given 84.84 /
 84.22% and 81.16 / 80.94% but lost about 2 points on ResNet-20 and ``vgg_cifar``; with them there,
 100 steps instead of 200 gave 85.10% / 79.78% (seed 0).
+
+Not adopted either (twentieth session): DeepInversion's smoothness prior, the mean squared difference of
+neighbouring pixels added to the loss. Without it the images stay as rough as the noise they start from (that
+measure 3.48 on 64 images after 200 steps, against 0.35 for real calibration images; weight 0.1 brought it to
+0.30, the BatchNorm mismatch ending at 0.015 instead of 0.009). Whole runs (``bench/whole_run.py --synthesize
+128``, seed 0, copies for the recovery): weight 0.1 83.60% / 81.30%, weight 0.02 83.70% / 81.06%, against
+83.38% / 81.68% without: level on average (-0.08 and -0.15 points). A tenfold weight on the first
+BatchNorm's mismatch (DeepInversion's first-layer multiplier): 83.90% / 80.78% (seed 0). 100 steps instead of
+200 (half the synthesis time: 60-67 s against 118-133 s): 82.78% / 78.90% (seed 0) and 84.06% / 80.04% (seed
+1), against 83.38% / 81.68% and 84.10% / 81.46% with 200 (``bench/results/whole_run.md``, first table).
 """
 
 from __future__ import annotations
