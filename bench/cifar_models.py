@@ -46,3 +46,11 @@ def vgg_cifar(num_classes: int = 10) -> nn.Module:
         *layers, nn.Flatten(),
         nn.Linear(channels * 4, 256), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(256, num_classes),
     )
+
+
+def resnet56_features(weights: str):
+    """ResNet-56 loaded from ``weights`` without its classifier: it outputs the 64 pooled features, as a
+    backbone is deployed under a head of its own (``bench/features.py``)."""
+    model = _module.load(weights, 56)
+    model.linear = nn.Identity()
+    return model

@@ -104,6 +104,10 @@ def compress_command(
                                               f"criteria`) {_criterion_default()}."),
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
+    model_output: str = typer.Option("logits", help="What MODEL returns: logits (class scores) or features (an "
+                                         "embedding, e.g. a self-supervised backbone: criteria score against its "
+                                         "own output vector, and the allocation and recovery measure the output's "
+                                         "relative squared error; no --eval, --labels or --max-accuracy-drop)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
                                            f"{_recovery_choices()}. lsq alone is faster (ResNet-56 on a 2-core "
                                            "CPU: 15-20 s less) and repairs less (0.7-2.5 points); lsq_block "
@@ -148,7 +152,7 @@ def compress_command(
             eval_before_recovery=eval_before_recovery,
             input_shape=parse_shape(input_shape) if input_shape else None,
             mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
-            criterion=criterion, labels=labels,
+            criterion=criterion, labels=labels, model_output=model_output,
             recovery=tuple(r.strip() for r in recovery.split(",") if r.strip()) if recovery is not None else None,
             allocation=allocation, ignore=tuple(ignore), min_channels=min_channels, align=align, device=device,
             fp16=fp16, batch_size=batch_size, warmup=warmup, iters=iters, latency=not no_latency,

@@ -12,6 +12,7 @@ DATA_CRITERION = "reconstruction"  # the default with enough calibration data (b
 DATA_CRITERION_MIN_IMAGES = 64  # with 32 images l1 did better on ResNet-56 (README, criteria section)
 DEFAULT_CALIB_SIZE = 1024
 ALLOCATIONS = ("global", "uniform", "sensitivity", "criterion")
+MODEL_OUTPUTS = ("logits", "features")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class CompressConfig:
         criterion: Registry name of the channel criterion (None: ``reconstruction`` with at least
             64 calibration images, else ``l1``; see ``criterion_for``).
         labels: Let criteria use the calibration data's class-folder labels.
+        model_output: What the model returns: "logits" (class scores, the default) or "features" (an
+            embedding, e.g. a self-supervised backbone): criteria then score against the model's own
+            output vector, and the allocation and the recovery's held-out check measure the relative
+            squared error of the output instead of a KL divergence between class distributions.
         recovery: Ordered recovery recipe; None: the default recipe; () or ("none",): none.
         allocation: How widths are chosen: "global" ranking, "uniform", "sensitivity"
             (measured recoverability), "criterion" (widths proposed by the criterion).
@@ -77,6 +82,7 @@ class CompressConfig:
     std: tuple[float, ...] | None = None
     criterion: str | None = None
     labels: bool = False
+    model_output: str | None = None
     recovery: tuple[str, ...] | None = None
     allocation: str | None = None
     ignore: tuple[str, ...] = field(default_factory=tuple)
@@ -110,6 +116,14 @@ class CompressConfig:
             raise UsageError(f"--min-channels {self.min_channels} must be at least 1")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise UsageError(f"--allocation {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+        if self.model_output is not None and self.model_output not in MODEL_OUTPUTS:
+            raise UsageError(f"--model-output {self.model_output!r} is not one of {', '.join(MODEL_OUTPUTS)}")
+        if self.model_output == "features":
+            for given, option in ((self.eval, "--eval"), (self.labels, "--labels"),
+                                  (self.max_accuracy_drop is not None, "--max-accuracy-drop")):
+                if given:
+                    raise UsageError(f"{option} needs class outputs; a model with --model-output features has no "
+                                     "classes: drop the option")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise UsageError(f"--max-accuracy-drop {self.max_accuracy_drop} must be >= 0 points")
 
@@ -123,6 +137,11 @@ class CompressConfig:
     def allocation_for(self, has_calibration: bool) -> str:
         """The width allocation: measured sensitivity when there is data (it measured best), else global."""
         return self.allocation or ("sensitivity" if has_calibration else "global")
+
+    @property
+    def output_kind(self) -> str:
+        """``"logits"`` or ``"features"`` (``model_output`` with its default)."""
+        return self.model_output or "logits"
 
     @property
     def recovery_recipe(self) -> tuple[str, ...] | None:

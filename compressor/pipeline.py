@@ -96,7 +96,8 @@ def _check_model_accepts(model: nn.Module, example: torch.Tensor) -> torch.Tenso
         ) from exc
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
         raise CompressorError(
-            "the model must return one N x classes tensor (classification); "
+            "the model must return one N x classes tensor (classification), or N x D features with "
+            "--model-output features; "
             f"it returned {type(output).__name__}{tuple(getattr(output, 'shape', ()))}"
         )
     return output
@@ -233,7 +234,9 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     output = _check_model_accepts(model, example)
     synthesized = False
     if calib is None:
-        calib = _synthesized_calibration(config, model, input_shape, output.shape[1], stages)
+        # a feature output has no classes for the synthesis's class term to pull toward (0: none)
+        classes = output.shape[1] if config.output_kind == "logits" else 0
+        calib = _synthesized_calibration(config, model, input_shape, classes, stages)
         synthesized = calib is not None
         if synthesized:
             example = calib.images[:1]
@@ -272,6 +275,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         ctx = ScoringContext(
             model=original, groups=graph.groups, calib=calib.images if calib is not None else None,
             labels=calib.labels if (calib is not None and config.labels) else None, seed=config.seed,
+            output=config.output_kind,
         )
         scores = criterion.score(ctx)
     with stages.stage("search", f"searching widths for {budget.text}"):
@@ -307,7 +311,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
 
             rctx = RecoveryContext(
                 original=original, pruned=pruned.model, groups=graph.groups, plan=plan, kept=pruned.kept,
-                calib=recovery_images, sources=sources, log=stages.note,
+                calib=recovery_images, sources=sources, log=stages.note, output=config.output_kind,
             )
             recovery_info = run_recipe(list(recipe), rctx)
             if recovery_info.get("reverted"):

@@ -69,8 +69,10 @@ MAX_REFINE_ROUNDS = 4  # re-measure widths the allocation chose below the narrow
 CACHE_BUDGET = 1.5e9  # bytes of the original's cached activations on the probe images (ResNet-56, 64 images: 0.5 GB)
 
 
-def _distortion(ref: torch.Tensor, out: torch.Tensor) -> float:
-    if ref.dim() == 2:
+def _distortion(ref: torch.Tensor, out: torch.Tensor, output: str = "logits") -> float:
+    """KL divergence between the class distributions of 2-D class outputs, else (feature maps, or
+    ``output="features"``: an embedding) the squared error relative to the reference's variance."""
+    if ref.dim() == 2 and output != "features":
         return float(F.kl_div(F.log_softmax(out.float(), 1), F.log_softmax(ref.float(), 1), log_target=True,
                               reduction="batchmean"))
     return float(((out - ref) ** 2).mean() / ref.var().clamp_min(1e-12))
@@ -80,8 +82,9 @@ class _Prober:
     """Runs pruned variants of ``graph.model`` on a probe batch, reusing the original's activations."""
 
     def __init__(self, graph: graph_mod.ChannelGraph, probe: torch.Tensor, device: str,
-                 fit: torch.Tensor | None = None) -> None:
+                 fit: torch.Tensor | None = None, output: str = "logits") -> None:
         self.graph = graph
+        self.output = output
         self.probe = probe.to(device)
         # the probes' 3x3 convolutions in bfloat16 where the CPU has it natively (module docstring)
         self.bf16 = self.probe.dtype == torch.float32 and bf16_supported(device)
@@ -124,8 +127,8 @@ class _Prober:
         model, kept = pruned.model, pruned.kept  # apply_plan returns it in eval mode
         with torch.no_grad():
             if self.gm is None:
-                return _distortion(self.ref, model(self.probe))
-            return _distortion(self.ref, self._run(model, kept, refit))
+                return _distortion(self.ref, model(self.probe), self.output)
+            return _distortion(self.ref, self._run(model, kept, refit), self.output)
 
     def _run(self, model: nn.Module, kept: dict, refit: bool):
         gen = torch.Generator().manual_seed(0)
@@ -276,7 +279,7 @@ def _interp(points: list[tuple[int, float]], count: int) -> float:
 
 
 def _make_prober(graph: graph_mod.ChannelGraph, calib: torch.Tensor, device: str, probe_images: int = PROBE_IMAGES,
-                 refit: bool = True) -> _Prober:
+                 refit: bool = True, output: str = "logits") -> _Prober:
     """A prober on a strided slice of ``calib``; its refits use other images (disjoint from the probe)."""
     n = len(calib)
     probe_images = min(probe_images, max(MIN_PROBE_IMAGES, n - FIT_IMAGES))
@@ -285,7 +288,7 @@ def _make_prober(graph: graph_mod.ChannelGraph, calib: torch.Tensor, device: str
     rest[idx] = False
     others = torch.nonzero(rest).flatten()
     fit = calib[spread(others, FIT_IMAGES)] if len(others) else None
-    return _Prober(graph, calib[idx], device, fit if refit else None)
+    return _Prober(graph, calib[idx], device, fit if refit else None, output)
 
 
 def probe_sensitivity(
@@ -365,11 +368,13 @@ def allocate_widths(
     batch_size: int = 64,
     progress: Callable[[str], None] | None = None,
     ratios: tuple[float, ...] = PROBE_RATIOS,
+    output: str = "logits",
 ) -> dict[int, int]:
     """Kept channel count per prunable group with ``estimate_macs <= target_macs``, by measured sensitivity.
 
     Counts honour each group's ``min_channels`` and ``multiple``. ``ratios``: the probe widths, as
-    fractions of each group's width (PROBE_RATIOS).
+    fractions of each group's width (PROBE_RATIOS). ``output``: ``"features"`` for a model whose output is
+    an embedding (the distortion is then its relative squared error, not a KL divergence).
 
     Raises:
         BudgetError: the target is below what the narrowest allowed widths give.
@@ -385,7 +390,7 @@ def allocate_widths(
     if estimate(counts) <= target_macs:
         return counts
     start = time.perf_counter()
-    prober = _make_prober(graph, calib, device)
+    prober = _make_prober(graph, calib, device, output=output)
     curves = probe_sensitivity(graph, scores, calib, device=device, ratios=ratios, progress=progress, prober=prober)
     by_id = {g.id: g for g in prunable}
     for round_ in range(MAX_REFINE_ROUNDS + 1):

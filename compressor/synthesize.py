@@ -101,6 +101,8 @@ def synthesize(model: nn.Module, shape: tuple[int, int, int], count: int, *, cla
     """``count`` images of ``shape`` (normalized, as the model takes them) synthesized from its BatchNorm statistics.
 
     The model is left as it was (eval mode, parameters and their ``requires_grad`` flags unchanged).
+    ``classes``: the model's class count, for the class-conditional term; 0 drops that term (a model that
+    outputs features).
 
     Returns:
         A float32 ``count x C x H x W`` tensor on the CPU.
@@ -136,14 +138,16 @@ def synthesize(model: nn.Module, shape: tuple[int, int, int], count: int, *, cla
     try:
         for first, n in zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True):
             x = torch.randn(n, *shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-            labels = (torch.arange(first, first + n) % classes).to(device)
+            labels = (torch.arange(first, first + n) % classes).to(device) if classes > 0 else None
             opt = CosineAdam([x], LEARNING_RATE, steps)  # torch.optim would import torch._dynamo (2 s)
             for step in range(steps):
                 gaps.clear()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
                     logits = model(x)
                 mismatch = torch.stack(gaps).sum() / max(1, len(gaps))
-                loss = mismatch + CLASS_WEIGHT * F.cross_entropy(logits.float(), labels)
+                loss = mismatch
+                if labels is not None:
+                    loss = loss + CLASS_WEIGHT * F.cross_entropy(logits.float(), labels)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -78,7 +78,7 @@ def _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, c
             raise CompressorError("--allocation sensitivity needs calibration data; pass --calib or use global")
         from compressor.sensitivity import allocate_widths
 
-        return allocate_widths(graph, scores, calib, target_est)
+        return allocate_widths(graph, scores, calib, target_est, output=getattr(ctx, "output", "logits"))
     return budget_mod.search_widths(groups, scores, target_est, estimate)
 
 

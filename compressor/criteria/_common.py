@@ -139,11 +139,43 @@ def logits_of(output) -> torch.Tensor:
     raise CompressorError("the model's output is not a tensor of logits; criteria that need data cannot score it")
 
 
-def targets(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """True labels when given, else the model's own prediction (label-free scoring)."""
+def targets(logits: torch.Tensor, labels: torch.Tensor | None, output: str = "logits") -> torch.Tensor:
+    """What a criterion explains, per image: a class index, or for ``output="features"`` an output vector.
+
+    Class outputs: the true labels when given, else the model's own prediction (label-free scoring).
+    Feature outputs (an embedding, no classes): the model's own output vector (detached, N x D), read on
+    the unpruned model; :func:`target_score` then projects an output on its direction.
+    """
+    if output == "features":
+        return logits.detach().flatten(1).float()
     if labels is not None:
         return labels
     return logits.detach().flatten(1).argmax(1)
+
+
+def target_score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image evidence for ``target``: the target class's logit, or for a feature target (N x D) the
+    output's component along that vector's direction (the analogue of a class logit: the class-score
+    vector's component along the target class's axis)."""
+    if target.dim() == 2:
+        return (logits.flatten(1).float() * F.normalize(target, dim=1)).sum(1)
+    return logits.gather(1, target[:, None]).squeeze(1)
+
+
+def target_log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image log-probability of the target class, or for a feature target :func:`target_score`."""
+    if target.dim() == 2:
+        return target_score(logits, target)
+    return F.log_softmax(logits.flatten(1).float(), 1).gather(1, target[:, None]).squeeze(1)
+
+
+def output_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against a class target, or for a feature target (N x D) the squared error relative to
+    the target's energy, ``||f - t||^2 / ||t||^2`` per image; ``reduction`` "mean" or "sum" over images."""
+    if target.dim() == 2:
+        per_image = (logits.flatten(1).float() - target).pow(2).sum(1) / target.pow(2).sum(1).clamp_min(1e-12)
+        return per_image.sum() if reduction == "sum" else per_image.mean()
+    return F.cross_entropy(logits, target, reduction=reduction)
 
 
 @contextmanager

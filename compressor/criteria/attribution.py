@@ -18,6 +18,9 @@ of work, which uses explanation maps to decide which units matter (Sabih et al. 
 2021 with LRP; Hatefi et al. 2024 with attribution-guided pruning of vision transformers and
 CNNs). None of them defines exactly this feature-map/attribution correlation; treat it as an
 heuristic inspired by them, not a reproduction.
+
+A model that outputs features (``ctx.output == "features"``) is attributed for its output's component
+along its own output vector (``_common.target_score``), in place of the predicted class's logit.
 """
 
 from __future__ import annotations
@@ -26,14 +29,24 @@ import torch
 import torch.nn.functional as F
 
 from compressor.criteria import Criterion, register
-from compressor.criteria._common import Taps, batches, finalize, logits_of, require_calib, targets, working_copy
+from compressor.criteria._common import (
+    Taps,
+    batches,
+    finalize,
+    logits_of,
+    require_calib,
+    target_score,
+    targets,
+    working_copy,
+)
 from compressor.criteria.base import ScoringContext
 from compressor.groups import Scores
 
 
 def attribution_map(x: torch.Tensor, logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    """Gradient x input of the target logits w.r.t. ``x`` (requires grad), summed over dim 1."""
-    (grad,) = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), x)
+    """Gradient x input of the target logits (``_common.target_score``) w.r.t. ``x`` (requires grad), summed over
+    dim 1."""
+    (grad,) = torch.autograd.grad(target_score(logits, tgt).sum(), x)
     return (x.detach() * grad).sum(1)
 
 
@@ -57,7 +70,7 @@ class Attribution(Criterion):
                 taps.clear()
                 x.requires_grad_(True)
                 logits = logits_of(model(x)).flatten(1)
-                amap = attribution_map(x, logits, targets(logits, y))  # N x H x W
+                amap = attribution_map(x, logits, targets(logits, y, ctx.output))  # N x H x W
                 for name, rec in list(taps.records):
                     for gid, idx, dim in taps.entries[name]:
                         acc[gid] = acc.get(gid, 0) + self._agreement(rec, dim, idx, amap)

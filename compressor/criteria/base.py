@@ -26,6 +26,9 @@ class ScoringContext:
         device: Torch device the passes run on.
         batch_size: Batch size for the passes.
         seed: Seed for any randomness (results must be deterministic given it).
+        output: ``"logits"`` (class scores) or ``"features"`` (an embedding without classes: criteria
+            that explain a prediction explain the model's own output vector instead, see
+            ``_common.targets``).
     """
 
     model: nn.Module
@@ -35,6 +38,7 @@ class ScoringContext:
     device: str = "cpu"
     batch_size: int = 64
     seed: int = 0
+    output: str = "logits"
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]

@@ -20,6 +20,10 @@ ResNet-20 66.5% against 67.2% with 1,024 and 55.2% against 57.4% with 32).
 Initialization ``alpha = 10`` (gate noise std about 0.3) and the prior ``alpha_0 = 1`` are our
 choices; the paper fits alphas jointly with a short fine-tuning schedule, here the budget is one
 pass over the calibration data with the network frozen.
+
+A model that outputs features (``ctx.output == "features"``) fits the concentrations against the squared
+error of its output relative to the unmasked output's energy (``_common.output_loss``) in place of the
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from compressor.criteria._common import (
     ceil_div,
     finalize,
     logits_of,
+    output_loss,
     require_calib,
     seeded,
     targets,
@@ -74,7 +79,7 @@ class DirichletPruning(Criterion):
             rho = {gid: torch.full((sizes[gid],), start, device=ctx.device, requires_grad=True) for gid in gids}
             opt = torch.optim.Adam(list(rho.values()), lr=self.lr)
             with torch.no_grad():
-                tgts = [targets(logits_of(model(x)).flatten(1), y) for x, y in batches(ctx, batch)]
+                tgts = [targets(logits_of(model(x)).flatten(1), y, ctx.output) for x, y in batches(ctx, batch)]
             taps.clear()
             for (x, _), tgt in zip(batches(ctx, batch), tgts, strict=True):
                 kl = 0.0
@@ -84,7 +89,7 @@ class DirichletPruning(Criterion):
                     taps.masks[gid] = dist.rsample((len(x),)) * sizes[gid]
                     prior = Dirichlet(torch.full_like(alpha, self.alpha_prior))
                     kl = kl + kl_divergence(dist, prior)
-                loss = F.cross_entropy(logits_of(model(x)).flatten(1), tgt) + kl / len(calib)
+                loss = output_loss(logits_of(model(x)).flatten(1), tgt) + kl / len(calib)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -37,6 +37,9 @@ relevance is computed once, like every criterion of this tool. Their BatchNorm h
 relevance through unchanged; we fold it instead. Before the thirteenth session this module
 started from the logit's value, summed signed relevance (clamping negative totals to 0) and
 normalized each layer by its L2 norm.
+
+A model that outputs features (``ctx.output == "features"``, an embedding without classes) is explained
+for its output's component along its own output vector (``_common.target_score``), in place of a class logit.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from compressor.criteria._common import (
     grads_of,
     logits_of,
     require_calib,
+    target_score,
     targets,
     working_copy,
 )
@@ -147,8 +151,8 @@ def lrp_relevance(ctx: ScoringContext, *, eps: float = 1e-6) -> dict[int, dict[s
             taps.clear()
             rules.clear()
             logits = logits_of(model(x.requires_grad_(True))).flatten(1)
-            tgt = targets(logits, y)
-            chosen = logits.gather(1, tgt[:, None])
+            tgt = targets(logits, y, ctx.output)
+            chosen = target_score(logits, tgt)[:, None]
             held = chosen.detach()
             explained = (chosen * torch.where(held.abs() > TINY, 1 / held, torch.zeros_like(held))).sum()
             grads = grads_of(explained, taps.records)

@@ -47,15 +47,25 @@ and 0.52 with 256, and the layers' keep ratios a correlation of 0.64 (128 sample
 images and only the coalitions drawn anew, reading marginal contributions from members only (a
 mask's gradient at exactly 0 is cut by the ReLU) gave a median of 0.21, reading non-members too
 0.74. Scoring costs one forward-backward pass over SAMPLES images per group: about 25 s with 256.
+
+A model that outputs features (``ctx.output == "features"``) plays the game on ``V(M)`` = the output's
+component along the whole model's own output vector (``_common.target_log_prob``), in place of ``log P(y)``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from compressor.criteria import Criterion, register
-from compressor.criteria._common import Taps, finalize, logits_of, require_calib, targets, working_copy
+from compressor.criteria._common import (
+    Taps,
+    finalize,
+    logits_of,
+    require_calib,
+    target_log_prob,
+    targets,
+    working_copy,
+)
 from compressor.criteria.base import ScoringContext
 from compressor.groups import Scores
 from compressor.recovery.common import spread_indices
@@ -81,7 +91,7 @@ def utilization_strength(density: torch.Tensor, slope: torch.Tensor) -> float:
 
 
 def _log_prob(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits_of(model(x)).flatten(1).float(), 1).gather(1, target[:, None]).squeeze(1)
+    return target_log_prob(logits_of(model(x)).flatten(1), target)
 
 
 @register
@@ -115,7 +125,8 @@ class SNPFI(Criterion):
         with Taps(model, groups) as taps:
             with torch.no_grad():
                 target = torch.cat([targets(logits_of(model(x[i:i + step])).flatten(1), None if labels is None
-                                            else labels[i:i + step]) for i in range(0, len(x), step)])
+                                            else labels[i:i + step], ctx.output)
+                                    for i in range(0, len(x), step)])
                 taps.clear()
             for gid in sorted(taps.tapped_groups):
                 size = sizes[gid]

@@ -10,7 +10,11 @@ result independent of the batch size. The activation is read after BatchNorm (th
 after BN"); coupled residual groups add the importance of every producer output.
 
 Label-free by default: the loss is the cross-entropy against the model's own argmax prediction;
-``ctx.labels`` replaces those targets when given.
+``ctx.labels`` replaces those targets when given. A model that outputs features (``ctx.output ==
+"features"``: an embedding, no classes, no loss) is scored on a random projection of its output,
+``L = sum_i <r_i, f(x_i)>`` with ``r_i`` standard normal (seeded) per image: the squared gate gradient
+is then, in expectation over ``r``, the squared first-order change of the whole output vector when the
+channel is removed, ``||J_f a_c||^2``.
 """
 
 from __future__ import annotations
@@ -48,11 +52,15 @@ class Taylor(Criterion):
         model = working_copy(ctx)
         groups = ctx.prunable_groups()
         acc: dict[int, torch.Tensor] = {}
+        gen = torch.Generator().manual_seed(ctx.seed)
         with Taps(model, groups, keep_graph=True) as taps:
             for x, y in batches(ctx):
                 taps.clear()
                 logits = logits_of(model(x.requires_grad_(True))).flatten(1)
-                loss = F.cross_entropy(logits, targets(logits, y), reduction="sum")
+                if ctx.output == "features":
+                    loss = (logits.float() * torch.randn(logits.shape, generator=gen).to(logits.device)).sum()
+                else:
+                    loss = F.cross_entropy(logits, targets(logits, y), reduction="sum")
                 grads = grads_of(loss, taps.records)
                 for (gid, _, a), (_, _, g) in zip(taps.views(), taps.views(grads), strict=True):
                     z = (a.detach() * g).sum(2)  # N x size: gate gradient per image

@@ -21,6 +21,9 @@ This is our variant ("guided" by positive evidence and by re-scoring); it is not
 method as such. The iterative re-scoring follows Molchanov et al.'s iterative pruning schedule,
 and the positive-evidence restriction follows the sign-aware Taylor criteria of that paper's
 follow-ups.
+
+A model that outputs features (``ctx.output == "features"``) uses its output's component along the
+unmasked model's own output vector (``_common.target_score``) in place of the predicted class's logit.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from compressor.criteria._common import (
     grads_of,
     logits_of,
     require_calib,
+    target_score,
     targets,
     working_copy,
 )
@@ -67,7 +71,7 @@ class TaylorGuided(Criterion):
             fixed: list[torch.Tensor] = []
             with torch.no_grad():
                 for x, y in batches(ctx):
-                    fixed.append(targets(logits_of(model(x)).flatten(1), y))
+                    fixed.append(targets(logits_of(model(x)).flatten(1), y, ctx.output))
             taps.clear()
             alive = {g.id: torch.ones(g.size, dtype=torch.bool) for g in groups if g.id in taps.tapped_groups}
             level = {gid: torch.full((by_id[gid].size,), float(self.steps - 1)) for gid in alive}
@@ -100,7 +104,7 @@ class TaylorGuided(Criterion):
         for (x, _), tgt in zip(batches(ctx), fixed, strict=True):
             taps.clear()
             logits = logits_of(model(x.requires_grad_(True))).flatten(1)
-            grads = grads_of(logits.gather(1, tgt[:, None]).sum(), taps.records)
+            grads = grads_of(target_score(logits, tgt).sum(), taps.records)
             for (gid, _, a), (_, _, g) in zip(taps.views(), taps.views(grads), strict=True):
                 z = (a.detach() * g).sum(2).clamp_min(0)
                 acc[gid] = acc.get(gid, 0) + z.double().sum(0).cpu()

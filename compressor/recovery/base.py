@@ -31,6 +31,8 @@ class RecoveryContext:
         device: Torch device for the passes.
         batch_size: Batch size for the passes.
         log: Receives progress lines from long methods (None: silent).
+        output: ``"logits"`` (class scores) or ``"features"`` (an embedding): how the held-out check
+            of ``recipe.run_recipe`` measures the distance to the original.
     """
 
     original: nn.Module
@@ -43,6 +45,7 @@ class RecoveryContext:
     device: str = "cpu"
     batch_size: int = 64
     log: Callable[[str], None] | None = None
+    output: str = "logits"
 
 
 class RecoveryMethod(ABC):

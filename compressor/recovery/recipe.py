@@ -31,8 +31,15 @@ HOLDOUT_MIN_CALIB = 256  # below this the fidelity is measured on the calibratio
 
 @torch.no_grad()
 def fidelity(original: torch.nn.Module, pruned: torch.nn.Module, images: torch.Tensor, batch_size: int = 128,
-             device: str = "cpu") -> dict[str, float]:
-    """Label-free agreement of ``pruned`` with ``original``: top-1 agreement and mean KL(orig || pruned)."""
+             device: str = "cpu", output: str = "logits") -> dict[str, float]:
+    """Label-free agreement of ``pruned`` with ``original``.
+
+    Class outputs: top-1 agreement and mean KL(orig || pruned), keys ``top1_agreement`` and ``kl``. Feature
+    outputs (``output="features"``, an embedding): mean cosine similarity and the squared error relative to
+    the original output's energy, ``sum ||p - o||^2 / sum ||o||^2``, keys ``cosine`` and ``distortion``.
+    """
+    if output == "features":
+        return _feature_fidelity(original, pruned, images, batch_size, device)
     agree, kl, n = 0, 0.0, 0
     original.eval()
     pruned.eval()
@@ -47,6 +54,34 @@ def fidelity(original: torch.nn.Module, pruned: torch.nn.Module, images: torch.T
     return {"top1_agreement": agree / max(1, n), "kl": max(0.0, kl / max(1, n))}
 
 
+@torch.no_grad()
+def _feature_fidelity(original, pruned, images, batch_size, device) -> dict[str, float]:
+    cosine, error, energy, n = 0.0, 0.0, 0.0, 0
+    original.eval()
+    pruned.eval()
+    for x in batches(images, batch_size, device):
+        lo, lp = original(x).float().flatten(1), pruned(x).float().flatten(1)
+        cosine += float(F.cosine_similarity(lp, lo, dim=1, eps=1e-12).sum())
+        error += float((lp - lo).pow(2).sum())
+        energy += float(lo.pow(2).sum())
+        n += len(x)
+    return {"cosine": cosine / max(1, n), "distortion": error / max(energy, 1e-30)}
+
+
+def distance_key(measure: dict[str, float]) -> str:
+    """The key of :func:`fidelity`'s distance from the original (lower is better): ``kl`` or ``distortion``."""
+    return "kl" if "kl" in measure else "distortion"
+
+
+def describe_fidelity(before: dict[str, float], after: dict[str, float]) -> str:
+    """``before -> after`` of :func:`fidelity`'s two measures, in words."""
+    if "kl" in before:
+        return (f"KL divergence from the original {before['kl']:.3f} -> {after['kl']:.3f}, top-1 agreement "
+                f"{before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}")
+    return (f"relative squared error of the output {before['distortion']:.4f} -> {after['distortion']:.4f}, "
+            f"cosine similarity {before['cosine']:.4f} -> {after['cosine']:.4f}")
+
+
 def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) -> dict:
     """Apply the recovery methods ``names`` in order to ``ctx.pruned``.
 
@@ -56,7 +91,8 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
     and the KL divergence, before and after; with fewer, these are measured on the images
     themselves (not their copies).
 
-    When the held-out images end further from the original (KL divergence) than before the recipe,
+    When the held-out images end further from the original (KL divergence; for feature outputs the relative
+    squared error) than before the recipe,
     the recipe is undone: ``ctx.pruned`` gets its weights from before, and ``"reverted": True``.
 
     Returns {"recipe": names, "steps": [{"name", "seconds"}], "seconds": total,
@@ -89,7 +125,8 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
         else:
             probe = ctx.calib[own]
     result: dict = {"recipe": names, "steps": []}
-    before = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device) if probe is not None else None
+    before = (fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device, ctx.output)
+              if probe is not None else None)
     backup = copy.deepcopy(ctx.pruned) if held_out else None
     start = time.perf_counter()
     log = ctx.log or (lambda _message: None)
@@ -102,12 +139,11 @@ def run_recipe(names: list[str], ctx: RecoveryContext, *, measure: bool = True) 
         log(f"{method.name}: done in {result['steps'][-1]['seconds']:.1f} s")
     result["seconds"] = time.perf_counter() - start
     if probe is not None:
-        after = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device)
+        after = fidelity(ctx.original, ctx.pruned, probe, ctx.batch_size, ctx.device, ctx.output)
         result["fidelity"] = {"before": before, "after": after, "images": len(probe), "held_out": held_out}
-        log(f"{'held-out' if held_out else 'calibration'} images ({len(probe)}): KL divergence from the original "
-            f"{before['kl']:.3f} -> {after['kl']:.3f}, top-1 agreement {before['top1_agreement']:.1%} -> "
-            f"{after['top1_agreement']:.1%}")
-        if backup is not None and not after["kl"] <= before["kl"]:
+        log(f"{'held-out' if held_out else 'calibration'} images ({len(probe)}): {describe_fidelity(before, after)}")
+        key = distance_key(before)
+        if backup is not None and not after[key] <= before[key]:
             # each method accepts its own changes on held-out data, layer by layer or block by block; should the
             # whole recipe still leave the held-out images further from the original, it is undone
             _restore(ctx.pruned, backup)

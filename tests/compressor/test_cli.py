@@ -269,6 +269,28 @@ def test_every_criterion_drives_a_whole_run(workspace, criterion, allocation):
     assert any(g["prunable"] and len(g["kept"]) < g["size"] for g in record["groups"])
 
 
+
+def test_a_model_that_outputs_features_is_compressed_against_its_own_output(workspace):
+    """A backbone without a classifier (as self-supervised networks are deployed): no classes, no labels."""
+    import json
+
+    (workspace / "net.py").write_text(NET_SOURCE.replace("return self.fc(self.body(x).mean((2, 3)))",
+                                                         "return self.body(x).mean((2, 3))"))
+    out = workspace / "out"
+    args = [a for a in base_args(workspace, out) if a != "--quiet"]
+    result = invoke(*args, "--model-output", "features", "--criterion", "taylor", "--no-latency")
+    assert result.exit_code == 0, result.output
+    assert "relative squared error of the output" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops"]["ratio"] <= 0.50
+    fidelity = report["recovery_steps"]["fidelity"]
+    assert set(fidelity["after"]) == {"cosine", "distortion"}
+    assert fidelity["after"]["distortion"] <= fidelity["before"]["distortion"]
+    refused = invoke(*base_args(workspace, workspace / "out2"), "--model-output", "features", "--eval",
+                     workspace / "calib")
+    assert refused.exit_code == 2 and "--eval needs class outputs" in refused.output
+    assert not (workspace / "out2").exists()
+
 @pytest.mark.parametrize("profile", [name for name in list_profiles() if name != "cpu"])
 def test_every_remote_profile_drives_a_whole_run(workspace, profile):
     """``--device PROFILE``: aligned widths, a bundle for the device and an estimated latency."""

@@ -29,3 +29,17 @@ def test_default_allocation_needs_calibration():
     assert config().allocation_for(True) == "sensitivity"
     assert config().allocation_for(False) == "global"
     assert config(allocation="uniform").allocation_for(True) == "uniform"
+
+
+def test_model_output_defaults_to_logits_and_features_refuse_class_options():
+    from pathlib import Path
+
+    from compressor.errors import UsageError
+
+    assert config().output_kind == "logits" and config(model_output="features").output_kind == "features"
+    with pytest.raises(UsageError, match="'embedding' is not one of logits, features"):
+        config(model_output="embedding")
+    for option, kw in (("--eval", {"eval": Path("val")}), ("--labels", {"labels": True}),
+                       ("--max-accuracy-drop", {"max_accuracy_drop": 1.0})):
+        with pytest.raises(UsageError, match=f"^{option} needs class outputs"):
+            config(model_output="features", **kw)

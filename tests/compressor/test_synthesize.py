@@ -65,6 +65,16 @@ def test_synthesized_images_match_the_batchnorm_statistics_and_cover_the_classes
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+
+def test_a_feature_output_is_synthesized_from_the_batchnorm_statistics_alone(monkeypatch):
+    model = small_bn_net(classes=4)
+    calls = []
+    monkeypatch.setattr(synthesize.F, "cross_entropy", lambda *a, **k: calls.append(1) or torch.zeros(()))
+    images = synthesize.synthesize(model, (3, 12, 12), 16, classes=0, seed=0, steps=80)
+    assert not calls  # no class to pull the images toward
+    noise = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    assert batchnorm_mismatch(model, images) < 0.1 * batchnorm_mismatch(model, noise)
+
 def test_synthesis_is_deterministic_with_the_seed_and_splits_into_equal_batches(monkeypatch):
     model = small_bn_net()
     first = synthesize.synthesize(model, (3, 8, 8), 10, classes=4, seed=3, steps=5)

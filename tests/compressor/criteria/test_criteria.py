@@ -393,3 +393,64 @@ def test_reconstruction_on_an_inverted_residual_network():
     for g in graph.groups:
         if g.prunable:
             assert scores[g.id].shape == (g.size,) and bool(torch.isfinite(scores[g.id]).all())
+
+
+# ---------------------------------------------------------------- models that output features (no classes)
+
+TARGETED = ["taylor", "lrp", "attribution", "taylor_guided", "snpfi", "dirichlet"]  # explain an output
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_criterion_scores_a_feature_output(name):
+    model = tiny_model()
+    before = snapshot(model)
+    ctx = context(model, output="features")
+    scores = get_criterion(name).score(ctx)
+    again = get_criterion(name).score(context(model, output="features"))
+    assert snapshot(model)[1:] == before[1:]
+    for g in ctx.prunable_groups():
+        s = scores[g.id]
+        assert s.shape == (g.size,) and torch.isfinite(s).all() and (s >= 0).all()
+        assert torch.equal(s, again[g.id]), "not deterministic for the same seed"
+
+
+@pytest.mark.parametrize("name", TARGETED)
+def test_criteria_that_explain_an_output_explain_the_feature_vector(name):
+    logits = get_criterion(name).score(context())
+    features = get_criterion(name).score(context(output="features"))
+    assert any(not torch.allclose(logits[g], features[g]) for g in (0, 1))
+
+
+@pytest.mark.parametrize("name", ["taylor", "lrp"])
+def test_feature_scores_give_no_importance_to_a_channel_nobody_reads(name):
+    s = get_criterion(name).score(context(dead_consumer_model(2), output="features"))[1]
+    assert s[2] <= 1e-6 * s.max() and s.max() > 0
+
+
+def test_taylor_on_features_estimates_the_output_change_of_removing_each_channel():
+    """E_r[(a . d<r, f>/da)^2] = ||J a||^2: the squared first-order output change; against the exact
+    change of the output when each inner channel is zeroed, the ranking must agree on this small net."""
+    model = tiny_model()
+    calib = images(96)
+    s = get_criterion("taylor").score(context(model, calib=calib, output="features"))[1]
+    exact = []
+    with torch.no_grad():
+        ref = model(calib)
+        for c in range(4):
+            handle = model.bn1.register_forward_hook(lambda _m, _i, out, c=c: out.index_fill(1, torch.tensor([c]), 0))
+            exact.append(float((model(calib) - ref).pow(2).sum()))
+            handle.remove()
+    assert torch.argsort(s).tolist() == torch.argsort(torch.tensor(exact)).tolist()
+
+
+def test_feature_targets_project_on_the_own_output_and_losses_measure_relative_error():
+    from compressor.criteria._common import output_loss, target_log_prob, target_score, targets
+
+    f = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    t = targets(f, None, "features")
+    assert torch.allclose(target_score(f, t), torch.tensor([5.0, 2.0]))  # its own norm
+    assert torch.allclose(target_log_prob(f, t), target_score(f, t))
+    assert float(output_loss(f, t)) == 0.0
+    assert float(output_loss(2 * f, t)) == pytest.approx(1.0)  # ||2f - f||^2 / ||f||^2
+    labels = targets(f, None)
+    assert labels.tolist() == [1, 1] and torch.allclose(target_score(f, labels), torch.tensor([4.0, 2.0]))

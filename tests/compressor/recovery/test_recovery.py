@@ -976,3 +976,60 @@ def test_fidelity_kl_is_never_negative():
         nearly.weight.add_(torch.randn_like(nearly.weight) * 1e-7)  # summed in float32, this KL rounds below zero
     result = fidelity(original, nearly, torch.randn(256, 64), batch_size=256)
     assert result["kl"] >= 0.0 and result["top1_agreement"] == 1.0
+
+
+def test_feature_outputs_are_measured_by_relative_error_and_cosine():
+    from compressor.recovery.recipe import fidelity
+
+    ctx = make_case(calib_n=512)
+    x = ctx.calib[:32]
+    same = fidelity(ctx.original, ctx.original, x, output="features")
+    assert set(same) == {"cosine", "distortion"}
+    assert same["distortion"] == 0.0 and same["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+    class Doubled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, v):
+            return 2 * self.inner(v)
+
+    doubled = fidelity(ctx.original, Doubled(ctx.original), x, output="features")
+    assert doubled["distortion"] == pytest.approx(1.0, rel=1e-5)  # ||2o - o||^2 / ||o||^2
+    assert doubled["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_recipe_on_a_feature_output_reports_and_reduces_the_relative_error():
+    lines = []
+    ctx = dataclasses.replace(make_case(calib_n=512), log=lines.append, output="features")
+    info = run_recipe(list(DEFAULT_RECIPE), ctx)
+    fid = info["fidelity"]
+    assert set(fid["after"]) == {"cosine", "distortion"} and "reverted" not in info
+    assert fid["after"]["distortion"] < fid["before"]["distortion"]
+    assert fid["after"]["cosine"] > fid["before"]["cosine"]
+    assert lines[-1].startswith("held-out images (64): relative squared error of the output ")
+
+
+def test_allocation_measures_a_feature_output_by_its_relative_error(monkeypatch):
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    ref = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, -2.0]])
+    out = ref + torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, 0.3]])
+    expected = float(((out - ref) ** 2).mean() / ref.var())
+    assert sensitivity._distortion(ref, out, "features") == pytest.approx(expected)
+    assert sensitivity._distortion(ref, out) != pytest.approx(expected)  # class outputs: a KL divergence
+
+    seen = []
+    real = sensitivity._distortion
+    monkeypatch.setattr(sensitivity, "_distortion",
+                        lambda r, o, output="logits": seen.append(output) or real(r, o, output))
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    prunable = [g for g in graph.groups if g.prunable]
+    scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in prunable}
+    full = graph_mod.estimate_macs(graph, {g.id: g.size for g in prunable})
+    counts = sensitivity.allocate_widths(graph, scores, images(64, 11), 0.5 * full, output="features")
+    assert graph_mod.estimate_macs(graph, counts) <= 0.5 * full
+    assert seen and set(seen) == {"features"}
