@@ -30,7 +30,7 @@ WEIGHTS = MODELS / "resnet56-cifar10-jpeg.pt"
 
 @torch.no_grad()
 def features_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
-    model.eval()
+    """``model``'s outputs over ``images`` (a module in eval mode, or a ``torch.export`` program's module)."""
     return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).float()
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     factory = importlib.util.spec_from_file_location("cifar_models", REPO / "bench" / "cifar_models.py")
     cifar_models = importlib.util.module_from_spec(factory)
     factory.loader.exec_module(cifar_models)
-    reference = features_of(cifar_models.resnet56_features(str(WEIGHTS)), val.images)
+    reference = features_of(cifar_models.resnet56_features(str(WEIGHTS)).eval(), val.images)
     with torch.no_grad():
         original_acc = float((head(reference).argmax(1) == val.labels).float().mean())
     print(f"original: {original_acc:.2%} with its classifier on the 64 features")
