@@ -343,6 +343,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     shutil.rmtree(tmp / ".work", ignore_errors=True)
     report = Report({
         "model": config.model,
+        "model_output": config.output_kind,
         "budget": budget_report(budget, macs1 / macs0, candidates),
         "criterion": criterion.name,
         "allocation": config.allocation_for(calib is not None),

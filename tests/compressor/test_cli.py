@@ -189,6 +189,7 @@ def test_end_to_end_small_network(workspace):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["criterion"] == "l1"  # 24 calibration images: too few for the data-driven default
+    assert report["model_output"] == "logits"
     # one channel of conv2's output is 3.0% of this network's MACs (16*9 + 32*9 of 14,256 per pixel), so the
     # width search may end up to one such step below the budget, never above it
     assert 0.50 - 0.031 <= report["flops"]["ratio"] <= 0.50
@@ -282,7 +283,7 @@ def test_a_model_that_outputs_features_is_compressed_against_its_own_output(work
     assert result.exit_code == 0, result.output
     assert "relative squared error of the output" in result.output
     report = json.loads((out / "report.json").read_text())
-    assert report["flops"]["ratio"] <= 0.50
+    assert report["flops"]["ratio"] <= 0.50 and report["model_output"] == "features"
     fidelity = report["recovery_steps"]["fidelity"]
     assert set(fidelity["after"]) == {"cosine", "distortion"}
     assert fidelity["after"]["distortion"] <= fidelity["before"]["distortion"]
