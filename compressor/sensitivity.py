@@ -16,6 +16,15 @@ additive. Summing their square roots instead (errors that add up coherently) or 
 roots 85.62% / 83.76% (most stage-1 and stage-2 blocks cut to one channel, stage 3 kept whole),
 squares 86.10% / 84.52%.
 
+Nor was the logits' squared error relative to their variance (what ``output="features"`` measures) better
+than the KL divergence for a classifier (twentieth session, 1,024 images, ``lsq`` then ``block``, 50% / 40%
+FLOPs). ResNet-56, whole runs (``model_output="features"``, evaluated in PyTorch on the 5,000 val images),
+seeds 0 / 1 / 2: 86.22 / 86.10 / 86.02% and 84.28 / 83.90 / 84.46% against 85.66 / 85.60 / 85.98% and
+84.76 / 84.44 / 83.66% (+0.37 / -0.07 on average). ``bench/recovery.py --criterion reconstruction`` with the
+distortion patched: ResNet-20 (2,000 val) 79.50 / 74.35% against 79.45 / 76.20%, ``vgg_cifar`` 77.50 / 76.76%
+against 77.68 / 76.90%, ``cifar_mobilenet_v2_half`` 76.36 / 75.48% against 76.12 / 74.90%. Over the four
+networks +0.12 points at 50% and -0.37 at 40%.
+
 On a CPU with native bfloat16 (``recovery.common.bf16_supported``) the probes run their ungrouped 3x3
 convolutions in bfloat16, the original's cached activations included (seventeenth session). The logits of
 ResNet-56 with every layer in bfloat16 differ from float32's by a KL divergence of 2e-5, against 1e-3 and
