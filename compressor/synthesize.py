@@ -35,7 +35,7 @@ measure 3.48 on 64 images after 200 steps, against 0.35 for real calibration ima
 128``, seed 0, copies for the recovery): weight 0.1 83.60% / 81.30%, weight 0.02 83.70% / 81.06%, against
 83.38% / 81.68% without: level on average (-0.08 and -0.15 points). A tenfold weight on the first
 BatchNorm's mismatch (DeepInversion's first-layer multiplier): 83.90% / 80.78% (seed 0). 100 steps instead of
-200 (half the synthesis time: 60-67 s against 118-133 s): 82.78% / 78.90% (seed 0) and 84.06% / 80.04% (seed
+200 (half the synthesis time: 60-67 s against 114-133 s): 82.78% / 78.90% (seed 0) and 84.06% / 80.04% (seed
 1), against 83.38% / 81.68% and 84.10% / 81.46% with 200 (``bench/results/whole_run.md``, first table).
 """
 
