@@ -105,7 +105,7 @@ def compress_command(
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
     model_output: str = typer.Option("logits", help="What MODEL returns: logits (class scores) or features (an "
-                                         "embedding, e.g. a self-supervised backbone: criteria score against its "
+                                         "embedding or feature maps, e.g. a self-supervised backbone: criteria score against its "
                                          "own output vector, and the allocation and recovery measure the output's "
                                          "relative squared error; no --eval, --labels or --max-accuracy-drop)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "

@@ -44,7 +44,7 @@ class CompressConfig:
             64 calibration images, else ``l1``; see ``criterion_for``).
         labels: Let criteria use the calibration data's class-folder labels.
         model_output: What the model returns: "logits" (class scores, the default) or "features" (an
-            embedding, e.g. a self-supervised backbone): criteria then score against the model's own
+            embedding or feature maps, e.g. a self-supervised backbone): criteria then score against the model's own
             output vector, and the allocation and the recovery's held-out check measure the relative
             squared error of the output instead of a KL divergence between class distributions.
         recovery: Ordered recovery recipe; None: the default recipe; () or ("none",): none.

@@ -85,7 +85,9 @@ def finalize_output(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _check_model_accepts(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+def _check_model_accepts(model: nn.Module, example: torch.Tensor, output_kind: str = "logits") -> torch.Tensor:
+    """The model's output on ``example``: one N x classes tensor, or for ``output_kind="features"`` one tensor of
+    N x D features or N x C x H x W feature maps (a dense backbone)."""
     try:
         with torch.no_grad():
             output = model(example)
@@ -94,6 +96,8 @@ def _check_model_accepts(model: nn.Module, example: torch.Tensor) -> torch.Tenso
             f"the model rejects input of shape {tuple(example.shape[1:])} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160]}); pass the right --input-shape CxHxW"
         ) from exc
+    if output_kind == "features" and isinstance(output, torch.Tensor) and output.ndim >= 2:
+        return output
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
         raise CompressorError(
             "the model must return one N x classes tensor (classification), or N x D features with "
@@ -231,7 +235,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     target = deploy.resolve_target(config.device, config.align)  # a mistyped --device fails before any reading
     model, calib, evaluation, input_shape = load_inputs(config, stages)
     example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
-    output = _check_model_accepts(model, example)
+    output = _check_model_accepts(model, example, config.output_kind)
     synthesized = False
     if calib is None:
         # a feature output has no classes for the synthesis's class term to pull toward (0: none)

@@ -292,6 +292,28 @@ def test_a_model_that_outputs_features_is_compressed_against_its_own_output(work
     assert refused.exit_code == 2 and "--eval needs class outputs" in refused.output
     assert not (workspace / "out2").exists()
 
+
+@pytest.mark.parametrize("criterion", ["reconstruction", "taylor", "lrp"])
+def test_a_dense_backbone_that_outputs_feature_maps_is_compressed(workspace, criterion):
+    """N x C x H x W outputs (a backbone under a detection or segmentation head) with --model-output features."""
+    import json
+
+    import onnxruntime as ort
+
+    (workspace / "net.py").write_text(NET_SOURCE.replace("return self.fc(self.body(x).mean((2, 3)))",
+                                                         "return self.body(x)"))
+    out = workspace / "out"
+    result = invoke(*base_args(workspace, out), "--model-output", "features", "--criterion", criterion,
+                    "--no-latency")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops"]["ratio"] <= 0.50 and report["export"]["onnx"]["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 16, 16).numpy()
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (2, 32, 16, 16)
+    refused = invoke(*base_args(workspace, workspace / "out2"), "--no-latency")
+    assert refused.exit_code == 1 and "--model-output features" in refused.output
+
 @pytest.mark.parametrize("profile", [name for name in list_profiles() if name != "cpu"])
 def test_every_remote_profile_drives_a_whole_run(workspace, profile):
     """``--device PROFILE``: aligned widths, a bundle for the device and an estimated latency."""
