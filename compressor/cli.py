@@ -105,9 +105,10 @@ def compress_command(
     labels: bool = typer.Option(False, help="Let criteria use the calibration class-folder labels "
                                 "(default: label-free, the model's own predictions)."),
     model_output: str = typer.Option("logits", help="What MODEL returns: logits (class scores) or features (an "
-                                         "embedding or feature maps, e.g. a self-supervised backbone: criteria score against its "
-                                         "own output vector, and the allocation and recovery measure the output's "
-                                         "relative squared error; no --eval, --labels or --max-accuracy-drop)."),
+                                         "embedding or feature maps, e.g. a self-supervised backbone: criteria "
+                                         "score against its own output, and the allocation and recovery measure "
+                                         "the output's relative squared error; no --eval, --labels or "
+                                         "--max-accuracy-drop)."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
                                            f"{_recovery_choices()}. lsq alone is faster (ResNet-56 on a 2-core "
                                            "CPU: 15-20 s less) and repairs less (0.7-2.5 points); lsq_block "
