@@ -54,3 +54,22 @@ def resnet56_features(weights: str):
     model = _module.load(weights, 56)
     model.linear = nn.Identity()
     return model
+
+
+class _Trunk(nn.Module):
+    """A CIFAR ResNet up to its last stage's output (before the pooling and the classifier)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = net.conv1, net.bn1
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x)).relu()
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+def resnet56_feature_maps(weights: str):
+    """ResNet-56 loaded from ``weights`` cut before its pooling: it outputs 64 x 8 x 8 feature maps, as a
+    backbone under a dense head (``bench/features.py --cut maps``)."""
+    return _Trunk(_module.load(weights, 56))

@@ -11,7 +11,8 @@ on them (a frozen linear head, which the run never saw), their cosine similarity
 error relative to the original features' energy. Defaults otherwise: 1,024 calibration images, the
 data-driven criterion, sensitivity allocation, recovery ``lsq,block``; no labels anywhere.
 
-Writes bench/results/features.md. Run: python bench/features.py [--budgets 50,40] [--criteria reconstruction,taylor]
+Writes bench/results/features.md. Run: python bench/features.py [--budgets 50,40] [--criteria default,taylor];
+the 64 x 8 x 8 feature maps before the pooling (a dense backbone): python bench/features.py --cut maps --append
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import CIFAR_MEAN, CIFAR_STD, MODELS, REPO, TRAIN, VAL, require_shared, write_table
 
 WEIGHTS = MODELS / "resnet56-cifar10-jpeg.pt"
@@ -39,6 +41,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="50,40", help="FLOPs budgets in percent, comma-separated")
     parser.add_argument("--criteria", default="default,taylor",
                         help="criteria, comma-separated ('default': the pipeline's choice)")
+    parser.add_argument("--cut", choices=("pooled", "maps"), default="pooled",
+                        help="pooled: the 64 pooled features; maps: the 64 x 8 x 8 maps before the pooling")
+    parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "features.md")
     args = parser.parse_args()
     require_shared()
@@ -47,7 +52,8 @@ def main() -> None:
     from compressor.data import load_images
     from compressor.pipeline import run
 
-    spec = f"{REPO / 'bench' / 'cifar_models.py'}:resnet56_features({str(WEIGHTS)!r})"
+    factory_name = "resnet56_features" if args.cut == "pooled" else "resnet56_feature_maps"
+    spec = f"{REPO / 'bench' / 'cifar_models.py'}:{factory_name}({str(WEIGHTS)!r})"
     val = load_images(VAL, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, labelled=True)
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
@@ -58,14 +64,19 @@ def main() -> None:
     factory = importlib.util.spec_from_file_location("cifar_models", REPO / "bench" / "cifar_models.py")
     cifar_models = importlib.util.module_from_spec(factory)
     factory.loader.exec_module(cifar_models)
-    reference = features_of(cifar_models.resnet56_features(str(WEIGHTS)).eval(), val.images)
-    with torch.no_grad():
-        original_acc = float((head(reference).argmax(1) == val.labels).float().mean())
+    reference = features_of(getattr(cifar_models, factory_name)(str(WEIGHTS)).eval(), val.images)
+
+    def classify(features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head(features.mean((2, 3)) if features.dim() == 4 else features).argmax(1)
+
+    original_acc = float((classify(reference) == val.labels).float().mean())
     print(f"original: {original_acc:.2%} with its classifier on the 64 features")
     rows = []
     for budget in [f"{b}%flops" for b in args.budgets.split(",")]:
         for criterion in args.criteria.split(","):
-            for mode in ("features", "logits"):
+            # the default `logits` refuses a 4-D output: only the features mode can compress the maps
+            for mode in ("features", "logits") if args.cut == "pooled" else ("features",):
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "run"
                     config = CompressConfig(
@@ -78,26 +89,29 @@ def main() -> None:
                     seconds = time.perf_counter() - start
                     pruned = torch.export.load(out / "model.pt2").module()
                     got = features_of(pruned, val.images)
-                with torch.no_grad():
-                    acc = float((head(got).argmax(1) == val.labels).float().mean())
-                cosine = float(torch.nn.functional.cosine_similarity(got, reference, dim=1).mean())
+                acc = float((classify(got) == val.labels).float().mean())
+                cosine = float(F.cosine_similarity(got.flatten(1), reference.flatten(1), dim=1).mean())
                 error = float((got - reference).pow(2).sum() / reference.pow(2).sum())
                 rows.append([budget, report["criterion"], f"`{mode}`", f"{original_acc:.2%} -> {acc:.2%}",
                              f"{cosine:.4f}", f"{error:.4f}", f"{report['flops']['ratio']:.1%}", f"{seconds:.1f}"])
                 print(" | ".join(rows[-1]))
+    where = "classifier" if args.cut == "pooled" else "pooling"
     notes = [
-        "The README's reference data and ResNet-56 cut before its classifier (`bench/cifar_models.py:"
-        "resnet56_features`), compressed by `compressor.pipeline.run` with `--model-output features` or the default "
-        "`logits`; 1,024 calibration images, no labels, no latency. Columns: accuracy of the original classifier "
-        "read on the pruned backbone's features (all 5,000 val images), their mean cosine similarity to the "
+        f"The README's reference data and ResNet-56 cut before its {where} (`bench/cifar_models.py:{factory_name}`), "
+        "compressed by `compressor.pipeline.run` with `--model-output features` (and, for the pooled features, the "
+        "default `logits`); 1,024 calibration images, no labels, no latency. Columns: accuracy of the original "
+        "classifier read on the pruned backbone's features (all 5,000 val images), their mean cosine similarity to the "
         "original features and their squared error relative to the original features' energy.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads. `python bench/features.py "
-        f"--budgets {args.budgets} --criteria {args.criteria}`.",
+        f"--budgets {args.budgets} --criteria {args.criteria} --cut {args.cut}`.",
+        *(["Cut before the pooling: the output is 64 x 8 x 8 feature maps; the original classifier reads them "
+           "through the original average pooling, and the cosine is over each image's flattened maps."]
+          if args.cut == "maps" else []),
     ]
     header = ["budget", "criterion", "--model-output", "top-1 with the original head", "cosine", "relative error",
               "FLOPs kept", "run s"]
-    write_table(args.out, "resnet56 cut before its classifier: compressed against its own output", header, rows,
-                notes)
+    title = ("resnet56 cut before its classifier" if args.cut == "pooled" else "resnet56 cut before its pooling")
+    write_table(args.out, f"{title}: compressed against its own output", header, rows, notes, append=args.append)
 
 
 if __name__ == "__main__":
