@@ -7,6 +7,7 @@ The CIFAR ResNets of other depths in ../shared (its model file builds depth 56 b
 import importlib.util
 from pathlib import Path
 
+import torch
 from torch import nn
 
 _spec = importlib.util.spec_from_file_location(
@@ -73,3 +74,37 @@ def resnet56_feature_maps(weights: str):
     """ResNet-56 loaded from ``weights`` cut before its pooling: it outputs 64 x 8 x 8 feature maps, as a
     backbone under a dense head (``bench/features.py --cut maps``)."""
     return _Trunk(_module.load(weights, 56))
+
+
+def load_trained(arch: str, weights: str) -> nn.Module:
+    """``vgg_cifar`` or ``cifar_mobilenet_v2_half`` with the state_dict ``bench/train_cifar.py`` saved at
+    ``weights``."""
+    if arch == "vgg_cifar":
+        model = vgg_cifar()
+    elif arch == "cifar_mobilenet_v2_half":
+        spec = importlib.util.spec_from_file_location("bench_cifar_shapes", Path(__file__).with_name("cifar_shapes.py"))
+        shapes = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(shapes)
+        model = shapes.build("cifar_mobilenet_v2", width=0.5)
+    else:
+        raise ValueError(f"no trained {arch!r} here; vgg_cifar or cifar_mobilenet_v2_half")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def split_classifier(arch: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(backbone, head) of a ``load_trained`` network: ``vgg_cifar`` cut after its flatten (1,024 features of the
+    256 x 2 x 2 map; the head is its two-layer classifier), the MobileNetV2 before its linear layer (640 pooled
+    features)."""
+    if arch == "vgg_cifar":
+        cut = next(i for i, m in enumerate(model) if isinstance(m, nn.Flatten)) + 1
+        return nn.Sequential(*model[:cut]), nn.Sequential(*model[cut:])
+    head = model.linear
+    model.linear = nn.Identity()
+    return model, head
+
+
+def trained_backbone(arch: str, weights: str) -> nn.Module:
+    """A network trained by ``bench/train_cifar.py`` without its classifier (``split_classifier``), as a
+    backbone is deployed under a head of its own (``bench/features.py --model ARCH``)."""
+    return split_classifier(arch, load_trained(arch, weights))[0]

@@ -12,7 +12,8 @@ error relative to the original features' energy. Defaults otherwise: 1,024 calib
 data-driven criterion, sensitivity allocation, recovery ``lsq,block``; no labels anywhere.
 
 Writes bench/results/features.md. Run: python bench/features.py [--budgets 50,40] [--criteria default,taylor];
-the 64 x 8 x 8 feature maps before the pooling (a dense backbone): python bench/features.py --cut maps --append
+the 64 x 8 x 8 feature maps before the pooling (a dense backbone): python bench/features.py --cut maps --append;
+networks bench/train_cifar.py trained: python bench/features.py --model vgg_cifar --append (or cifar_mobilenet_v2_half)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="50,40", help="FLOPs budgets in percent, comma-separated")
     parser.add_argument("--criteria", default="default,taylor",
                         help="criteria, comma-separated ('default': the pipeline's choice)")
+    parser.add_argument("--model", choices=("resnet56", "vgg_cifar", "cifar_mobilenet_v2_half"), default="resnet56",
+                        help="resnet56 of ../shared, or a network bench/train_cifar.py trained (~/.cache)")
     parser.add_argument("--cut", choices=("pooled", "maps"), default="pooled",
                         help="pooled: the 64 pooled features; maps: the 64 x 8 x 8 maps before the pooling")
     parser.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
@@ -48,30 +51,42 @@ def main() -> None:
     args = parser.parse_args()
     require_shared()
     torch.set_num_threads(2)
+    import importlib.util
+
     from compressor.config import CompressConfig
     from compressor.data import load_images
     from compressor.pipeline import run
 
-    factory_name = "resnet56_features" if args.cut == "pooled" else "resnet56_feature_maps"
-    spec = f"{REPO / 'bench' / 'cifar_models.py'}:{factory_name}({str(WEIGHTS)!r})"
-    val = load_images(VAL, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, labelled=True)
-    state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
-    head = torch.nn.Linear(64, 10)
-    head.load_state_dict({"weight": state["linear.weight"].float(), "bias": state["linear.bias"].float()})
-    import importlib.util
-
     factory = importlib.util.spec_from_file_location("cifar_models", REPO / "bench" / "cifar_models.py")
     cifar_models = importlib.util.module_from_spec(factory)
     factory.loader.exec_module(cifar_models)
-    reference = features_of(getattr(cifar_models, factory_name)(str(WEIGHTS)).eval(), val.images)
+    if args.model == "resnet56":
+        factory_name = "resnet56_features" if args.cut == "pooled" else "resnet56_feature_maps"
+        spec = f"{REPO / 'bench' / 'cifar_models.py'}:{factory_name}({str(WEIGHTS)!r})"
+        state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
+        head = torch.nn.Linear(64, 10)
+        head.load_state_dict({"weight": state["linear.weight"].float(), "bias": state["linear.bias"].float()})
+        backbone = getattr(cifar_models, factory_name)(str(WEIGHTS))
+    else:
+        if args.cut != "pooled":
+            parser.error("--cut maps is for resnet56")
+        factory_name = "trained_backbone"
+        trained = Path.home() / ".cache" / "cnn-compressor" / "cifar" / f"{args.model}.pt"
+        if not trained.is_file():
+            parser.error(f"{trained} is absent: train it first with python bench/train_cifar.py --arch {args.model}")
+        spec = f"{REPO / 'bench' / 'cifar_models.py'}:trained_backbone({args.model!r}, {str(trained)!r})"
+        backbone, head = cifar_models.split_classifier(args.model, cifar_models.load_trained(args.model, str(trained)))
+    head.eval()
+    val = load_images(VAL, input_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD, labelled=True)
+    reference = features_of(backbone.eval(), val.images)
 
     def classify(features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return head(features.mean((2, 3)) if features.dim() == 4 else features).argmax(1)
 
     original_acc = float((classify(reference) == val.labels).float().mean())
-    print(f"original: {original_acc:.2%} with its classifier on the 64 features")
+    print(f"original: {original_acc:.2%} with its classifier on the {tuple(reference.shape[1:])} features")
     rows = []
     for budget in [f"{b}%flops" for b in args.budgets.split(",")]:
         for criterion in args.criteria.split(","):
@@ -97,20 +112,21 @@ def main() -> None:
                 print(" | ".join(rows[-1]))
     where = "classifier" if args.cut == "pooled" else "pooling"
     notes = [
-        f"The README's reference data and ResNet-56 cut before its {where} (`bench/cifar_models.py:{factory_name}`), "
+        f"The README's reference data and {args.model} cut before its {where} "
+        f"(`bench/cifar_models.py:{factory_name}`), "
         "compressed by `compressor.pipeline.run` with `--model-output features` (and, for the pooled features, the "
         "default `logits`); 1,024 calibration images, no labels, no latency. Columns: accuracy of the original "
         "classifier read on the pruned backbone's features (all 5,000 val images), their mean cosine similarity to the "
         "original features and their squared error relative to the original features' energy.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads. `python bench/features.py "
-        f"--budgets {args.budgets} --criteria {args.criteria} --cut {args.cut}`.",
+        f"--model {args.model} --budgets {args.budgets} --criteria {args.criteria} --cut {args.cut}`.",
         *(["Cut before the pooling: the output is 64 x 8 x 8 feature maps; the original classifier reads them "
            "through the original average pooling, and the cosine is over each image's flattened maps."]
           if args.cut == "maps" else []),
     ]
     header = ["budget", "criterion", "--model-output", "top-1 with the original head", "cosine", "relative error",
               "FLOPs kept", "run s"]
-    title = ("resnet56 cut before its classifier" if args.cut == "pooled" else "resnet56 cut before its pooling")
+    title = f"{args.model} cut before its {where}"
     write_table(args.out, f"{title}: compressed against its own output", header, rows, notes, append=args.append)
 
 
