@@ -52,9 +52,7 @@ def vgg_cifar(num_classes: int = 10) -> nn.Module:
 def resnet56_features(weights: str):
     """ResNet-56 loaded from ``weights`` without its classifier: it outputs the 64 pooled features, as a
     backbone is deployed under a head of its own (``bench/features.py``)."""
-    model = _module.load(weights, 56)
-    model.linear = nn.Identity()
-    return model
+    return trained_backbone("resnet56", weights)
 
 
 class _Trunk(nn.Module):
@@ -77,8 +75,10 @@ def resnet56_feature_maps(weights: str):
 
 
 def load_trained(arch: str, weights: str) -> nn.Module:
-    """``vgg_cifar`` or ``cifar_mobilenet_v2_half`` with the state_dict ``bench/train_cifar.py`` saved at
-    ``weights``."""
+    """``resnet56`` with a checkpoint of ../shared, or ``vgg_cifar`` / ``cifar_mobilenet_v2_half`` with the
+    state_dict ``bench/train_cifar.py`` saved at ``weights``."""
+    if arch == "resnet56":
+        return _module.load(weights, 56).eval()
     if arch == "vgg_cifar":
         model = vgg_cifar()
     elif arch == "cifar_mobilenet_v2_half":
@@ -87,15 +87,15 @@ def load_trained(arch: str, weights: str) -> nn.Module:
         spec.loader.exec_module(shapes)
         model = shapes.build("cifar_mobilenet_v2", width=0.5)
     else:
-        raise ValueError(f"no trained {arch!r} here; vgg_cifar or cifar_mobilenet_v2_half")
+        raise ValueError(f"no trained {arch!r} here; resnet56, vgg_cifar or cifar_mobilenet_v2_half")
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
 
 
 def split_classifier(arch: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone, head) of a ``load_trained`` network: ``vgg_cifar`` cut after its flatten (1,024 features of the
-    256 x 2 x 2 map; the head is its two-layer classifier), the MobileNetV2 before its linear layer (640 pooled
-    features)."""
+    256 x 2 x 2 map; the head is its two-layer classifier), ResNet-56 and the MobileNetV2 before their linear
+    layers (64 and 640 pooled features)."""
     if arch == "vgg_cifar":
         cut = next(i for i, m in enumerate(model) if isinstance(m, nn.Flatten)) + 1
         return nn.Sequential(*model[:cut]), nn.Sequential(*model[cut:])

@@ -63,11 +63,9 @@ def main() -> None:
     if args.model == "resnet56":
         factory_name = "resnet56_features" if args.cut == "pooled" else "resnet56_feature_maps"
         spec = f"{REPO / 'bench' / 'cifar_models.py'}:{factory_name}({str(WEIGHTS)!r})"
-        state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("module."): v for k, v in state.get("state_dict", state).items()}
-        head = torch.nn.Linear(64, 10)
-        head.load_state_dict({"weight": state["linear.weight"].float(), "bias": state["linear.bias"].float()})
-        backbone = getattr(cifar_models, factory_name)(str(WEIGHTS))
+        backbone, head = cifar_models.split_classifier("resnet56", cifar_models.load_trained("resnet56", str(WEIGHTS)))
+        if args.cut == "maps":
+            backbone = cifar_models.resnet56_feature_maps(str(WEIGHTS))
     else:
         if args.cut != "pooled":
             parser.error("--cut maps is for resnet56")

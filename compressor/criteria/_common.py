@@ -169,13 +169,12 @@ def target_log_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.flatten(1).float(), 1).gather(1, target[:, None]).squeeze(1)
 
 
-def output_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy against a class target, or for a feature target (N x D) the squared error relative to
-    the target's energy, ``||f - t||^2 / ||t||^2`` per image; ``reduction`` "mean" or "sum" over images."""
+def output_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against a class target, or for a feature target (N x D) the mean over images of the
+    squared error relative to the target's energy, ``||f - t||^2 / ||t||^2``."""
     if target.dim() == 2:
-        per_image = (logits.flatten(1).float() - target).pow(2).sum(1) / target.pow(2).sum(1).clamp_min(1e-12)
-        return per_image.sum() if reduction == "sum" else per_image.mean()
-    return F.cross_entropy(logits, target, reduction=reduction)
+        return ((logits.flatten(1).float() - target).pow(2).sum(1) / target.pow(2).sum(1).clamp_min(1e-12)).mean()
+    return F.cross_entropy(logits, target)
 
 
 @contextmanager
