@@ -100,8 +100,8 @@ def _check_model_accepts(model: nn.Module, example: torch.Tensor, output_kind: s
         return output
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
         raise CompressorError(
-            "the model must return one N x classes tensor (classification), or N x D features with "
-            "--model-output features; "
+            "the model must return one N x classes tensor (classification), or features (N x D or N x C x H x W) "
+            "with --model-output features; "
             f"it returned {type(output).__name__}{tuple(getattr(output, 'shape', ()))}"
         )
     return output
