@@ -48,11 +48,13 @@ def model_spec(weights: str) -> str:
 
 def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
              weights: str = DEFAULT_WEIGHTS, synthesize: int | None = None,
-             calib_size: int | None = None, augment: bool = False) -> tuple[dict, float, float]:
+             calib_size: int | None = None, augment: bool = False, options: tuple[str, ...] = ()
+             ) -> tuple[dict, float, float]:
     """(report, process wall seconds, peak resident memory in GB) of one ``compress`` process.
 
     ``synthesize``: run without ``--calib``, with ``--synthesize N`` (0: pruning by the weights alone).
     ``calib_size``: ``--calib-size`` (None: compress's default, 1,024). ``augment``: pass ``--augment``.
+    ``options``: more compress options, passed as they are.
     """
     data = (["--calib", str(TRAIN)] if synthesize is None
             else ["--input-shape", "3x32x32", "--synthesize", str(synthesize)])
@@ -68,6 +70,7 @@ def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
     ]
     if recovery is not None:
         cmd += ["--recovery", recovery]
+    cmd += list(options)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage (getrusage would give the max)
@@ -90,6 +93,7 @@ def main() -> None:
                         help="no --calib: synthesize N calibration images (0: prune by the weights alone)")
     parser.add_argument("--calib-size", type=int, default=None, help="--calib-size for compress [its default]")
     parser.add_argument("--augment", action="store_true", help="pass --augment (copies of synthesized images too)")
+    parser.add_argument("--remove-branches", action="store_true", help="pass --remove-branches")
     args = parser.parse_args()
     stages = STAGES if args.synthesize is None else ("synthesize", *STAGES)
     require_shared()
@@ -98,12 +102,15 @@ def main() -> None:
         for budget in (int(b) for b in args.budgets.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery,
-                                                   args.weights, args.synthesize, args.calib_size, args.augment)
+                                                   args.weights, args.synthesize, args.calib_size, args.augment,
+                                                   ("--remove-branches",) if args.remove_branches else ())
                 acc, lat, t = report["accuracy"], report["latency"], report["timings_s"]
                 walls.append(wall)
                 rows.append([
                     f"{budget}%flops", str(seed), f"{acc['original']:.2%} -> {acc['pruned']:.2%}",
-                    f"{report['flops']['ratio']:.1%}", f"{report['params']['ratio']:.1%}",
+                    f"{report['flops']['ratio']:.1%}" + (f" ({len(report['removed_branches'])} branches removed)"
+                                                         if report.get("removed_branches") else ""),
+                    f"{report['params']['ratio']:.1%}",
                     f"{lat['original_ms']['p50']:.2f} -> {lat['pruned_ms']['p50']:.2f}",
                     " / ".join(f"{t.get(s, 0.0):.1f}" for s in stages), f"{wall:.1f}", f"{peak_gb:.2f}",
                 ])
@@ -116,6 +123,8 @@ def main() -> None:
         extra += f" --calib-size {args.calib_size}"
     if args.augment:
         extra += " --augment"
+    if args.remove_branches:
+        extra += " --remove-branches"
     if args.synthesize is not None:
         data = f"--input-shape 3x32x32 --synthesize {args.synthesize}"
         extra += f" --synthesize {args.synthesize}, no --calib"
@@ -124,7 +133,8 @@ def main() -> None:
     notes = [
         f"The README's reference command, as a user runs it (`compress '{shown_model}' "
         f"--weights {args.weights} --budget B {data} --eval val.tar.gz ... --device cpu"
-        f"{' --recovery ' + args.recovery if args.recovery else ''}`), defaults otherwise"
+        f"{' --recovery ' + args.recovery if args.recovery else ''}"
+        f"{' --remove-branches' if args.remove_branches else ''}`), defaults otherwise"
         + ("" if args.synthesize == 0 else " (criterion `reconstruction`, sensitivity allocation"
            + ("" if args.recovery else f", recovery `{','.join(DEFAULT_RECIPE)}`") + ")")
         + "; seed: " + ("the calibration subset's" if args.synthesize is None else "the synthesis's")

@@ -118,6 +118,11 @@ def compress_command(
                                              "uniform, sensitivity (measured recoverability), criterion "
                                              "(widths the criterion proposes) [sensitivity with calibration images, "
                                              "else global]."),
+    remove_branches: bool | None = typer.Option(None, "--remove-branches/--keep-branches", help="Remove the "
+                                                "residual branches the width search leaves with one channel (a "
+                                                "constant replaces each: fewer layers to launch; ResNet-56 at 40% "
+                                                "FLOPs: 1.13-1.18x faster at batch 1 on a CPU, 0.3 points lower on "
+                                                "average) [keep]."),
     ignore: list[str] = typer.Option([], help="Module-name glob never pruned (repeatable), e.g. 'features.0*'."),
     min_channels: int | None = typer.Option(None, help="Fewest channels any group keeps [1]."),
     align: bool | None = typer.Option(None, "--align/--no-align", help="Round every group's width to the "
@@ -155,7 +160,8 @@ def compress_command(
             mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
             criterion=criterion, labels=labels, model_output=model_output,
             recovery=tuple(r.strip() for r in recovery.split(",") if r.strip()) if recovery is not None else None,
-            allocation=allocation, ignore=tuple(ignore), min_channels=min_channels, align=align, device=device,
+            allocation=allocation, remove_branches=remove_branches, ignore=tuple(ignore), min_channels=min_channels,
+            align=align, device=device,
             fp16=fp16, batch_size=batch_size, warmup=warmup, iters=iters, latency=not no_latency,
             max_accuracy_drop=max_accuracy_drop, force=force, seed=seed, progress=not quiet,
         )

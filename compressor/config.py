@@ -50,6 +50,9 @@ class CompressConfig:
         recovery: Ordered recovery recipe; None: the default recipe; () or ("none",): none.
         allocation: How widths are chosen: "global" ranking, "uniform", "sensitivity"
             (measured recoverability), "criterion" (widths proposed by the criterion).
+        remove_branches: Remove residual branches the width search leaves with one channel, keeping
+            their mean contribution as a constant (``graph.branches``): fewer layers, faster at batch 1,
+            and on ResNet-56 0.3 points lower at 40% FLOPs on average (README). None or False: keep them.
         ignore: Module-name globs never pruned.
         min_channels: Per-group floor of kept channels (None: sensible default).
         align: Round every group's width to the device's channel alignment; False: any width (None:
@@ -85,6 +88,7 @@ class CompressConfig:
     model_output: str | None = None
     recovery: tuple[str, ...] | None = None
     allocation: str | None = None
+    remove_branches: bool | None = None
     ignore: tuple[str, ...] = field(default_factory=tuple)
     min_channels: int | None = None
     align: bool | None = None

@@ -303,6 +303,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     if evaluation is not None and config.eval_before_recovery:
         with stages.stage("evaluate", "measuring accuracy before recovery"):
             acc["before_recovery"] = accuracy(pruned.model, evaluation, eval_backends)
+    branches, removable = _silence_branches(config, graph, pruned, recovery_images, stages)
     from compressor.recovery.recipe import DATA_FREE_RECIPE, DEFAULT_RECIPE, run_recipe
 
     recipe = config.recovery_recipe
@@ -321,6 +322,9 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
             if recovery_info.get("reverted"):
                 stages.note("recovery left the held-out calibration images further from the original: undone")
     recovered = pruned.model.eval()
+    if branches:
+        recovered, branches = _fold_branches(recovered, branches, soundness_inputs, stages)
+        macs1, params1 = graph_mod.count_macs_params(recovered, example)
     with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
         export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,
                                         config.batch_size)
@@ -329,7 +333,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         except CompressorError as exc:  # model.onnx, the deployment artifact, is complete: go on without it
             export_info["pytorch"] = {"file": None, "error": str(exc)}
             stages.note(f"model.pt2 not written: {exc}")
-        (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept), indent=1))
+        (tmp / "pruning.json").write_text(json.dumps(pruning_record(config, graph, plan, pruned.kept, branches),
+                                                     indent=1))
     if evaluation is not None:
         with stages.stage("evaluate", "measuring accuracy after recovery"):
             acc["pruned"] = accuracy(recovered, evaluation, eval_backends, tmp / "model.onnx")
@@ -345,6 +350,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
             latency_info = deploy.latency(config, target, original, recovered, example, tmp, input_shape,
                                           onnx_files=(original_onnx, tmp / "model.onnx"))
     shutil.rmtree(tmp / ".work", ignore_errors=True)
+    removed = {b.group for b in branches}
     report = Report({
         "model": config.model,
         "model_output": config.output_kind,
@@ -365,8 +371,10 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
         "calibration_images": calib_count,
         "calibration_augmented": len(recovery_images) - calib_count if recovery_images is not None else 0,
         "calibration_source": "synthesized" if synthesized else ("data" if calib is not None else "none"),
-        "layers": [{"root": g.root, "kept": int(counts.get(g.id, g.size)), "size": g.size}
+        "layers": [{"root": g.root, "kept": 0 if g.id in removed else int(counts.get(g.id, g.size)), "size": g.size}
                    for g in graph.groups if g.prunable],
+        "removed_branches": [{"root": b.root, "layers": b.producers + b.consumers} for b in branches],
+        "removable_branches": removable,
         "candidates": candidates,
     })
     if acc:
@@ -447,8 +455,9 @@ def save_pytorch(model: nn.Module, example: torch.Tensor, folder: Path) -> str:
     return "model.pt2"
 
 
-def pruning_record(config: CompressConfig, graph, plan, kept) -> dict:
-    """Replayable record: the kept channel indices per group and per layer."""
+def pruning_record(config: CompressConfig, graph, plan, kept, branches=()) -> dict:
+    """Replayable record: the kept channel indices per group and per layer, and the removed branches
+    (their groups keep one channel in ``groups``; ``removed_branches`` lists the layers a constant replaced)."""
     return {
         "model": config.model,
         "groups": [
@@ -457,7 +466,40 @@ def pruning_record(config: CompressConfig, graph, plan, kept) -> dict:
             for g in graph.groups
         ],
         "layers": kept,
+        "removed_branches": [{"group": b.group, "root": b.root, "layers": b.producers + b.consumers}
+                             for b in branches],
     }
+
+
+def _silence_branches(config: CompressConfig, graph, pruned, calib: torch.Tensor | None,
+                      stages: Stages) -> tuple[list, int]:
+    """With ``--remove-branches``, silence the residual branches the width search left with one channel
+    (``graph.branches``); the recovery then repairs the network for their absence. Returns the silenced
+    branches and how many could be removed."""
+    from compressor.graph.branches import find_removable, silence
+
+    branches = find_removable(pruned.model, graph.groups, pruned.plan)
+    if not branches or not config.remove_branches:
+        return [], len(branches)
+    with stages.stage("prune", f"removing {len(branches)} residual branch(es) left with one channel"):
+        silence(pruned.model, graph.model, branches, pruned.kept, calib)
+        stages.note(", ".join(b.root for b in branches))
+    return branches, len(branches)
+
+
+def _fold_branches(model: nn.Module, branches: list, inputs: torch.Tensor, stages: Stages) -> tuple[nn.Module, list]:
+    """The model with its silenced branches folded into constants (checked on ``inputs``), and the branches
+    removed; the model unchanged (and no branches) when the fold does not reproduce it."""
+    from compressor.graph.branches import fold
+
+    folded, _ = fold(model, branches)
+    if folded is not model:
+        with torch.no_grad():
+            ref, out = evaluate.predict(model, inputs), evaluate.predict(folded, inputs)
+        if float((ref - out).abs().max()) <= SOUNDNESS_TOLERANCE * max(1.0, float(ref.abs().max())):
+            return folded.eval(), branches
+    stages.note("the silenced branches could not be folded into constants: their layers stay in the model")
+    return model, []
 
 
 __all__ = ["run", "accuracy"]

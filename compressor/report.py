@@ -175,6 +175,8 @@ class Report:
                 f"speed-up {lat['speedup']:.2f}x"
             )
             lines += [f"note: {note}" for note in latency_notes(lat, d["budget"])]
+        if note := branches_note(d):
+            lines.append(note)
         excluded = d["soundness"]["excluded_groups"]
         if excluded:
             lines.append(f"{len(excluded)} group(s) left unpruned: " + "; ".join(
@@ -187,6 +189,18 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def branches_note(d: dict[str, Any]) -> str | None:
+    """What happened to residual branches the width search left with one channel, if any."""
+    removed = d.get("removed_branches") or []
+    if removed:
+        return (f"{len(removed)} residual branch(es) left with one channel were removed (a constant replaces each): "
+                + ", ".join(b["root"] for b in removed))
+    if d.get("removable_branches"):
+        return (f"{d['removable_branches']} residual branch(es) keep a single channel; --remove-branches replaces "
+                "them by constants (fewer layers: faster at batch 1, may cost some accuracy)")
+    return None
 
 
 def calibration_line(d: dict[str, Any]) -> str | None:
@@ -229,6 +243,8 @@ def render_markdown(d: dict[str, Any]) -> str:
     s = d["soundness"]
     out += ["", "## Soundness", "", f"Pruned model vs original with removed channels zeroed: max |diff| = "
             f"{s['max_abs_diff']:.3g}."]
+    if note := branches_note(d):
+        out += ["", f"{note}."]
     if s["excluded_groups"]:
         out += ["", "Groups left unpruned:", ""] + [f"- `{e['root']}` ({e['size']} ch): {e['reason']}"
                                                    for e in s["excluded_groups"]]

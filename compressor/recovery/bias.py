@@ -7,7 +7,15 @@ from torch import nn
 
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
-from compressor.recovery.common import LAYER_TYPES, batches, conv_bn_pairs, module_or_none, require_calib, set_bias
+from compressor.recovery.common import (
+    LAYER_TYPES,
+    batches,
+    conv_bn_pairs,
+    is_frozen,
+    module_or_none,
+    require_calib,
+    set_bias,
+)
 
 
 def input_channel_means(model: nn.Module, names: list[str], calib: torch.Tensor, batch_size: int, device: str):
@@ -72,6 +80,7 @@ class BiasCorrection(RecoveryMethod):
         consumers = [
             name for name, rec in ctx.kept.items()
             if "in" in rec and isinstance(module_or_none(ctx.original, name), LAYER_TYPES)
+            and not is_frozen(ctx.pruned.get_submodule(name))
         ]
         if not consumers:
             return

@@ -128,6 +128,7 @@ from compressor.recovery.common import (
     held_out_mask,
     image_cap,
     in_bf16,
+    is_frozen,
     require_calib,
     spread_indices,
 )
@@ -323,6 +324,7 @@ def reconstruct_blocks(original: nn.Module, pruned: nn.Module, kept: dict, calib
             y_o = y_full if channels is None else y_full[:, torch.as_tensor(channels, dtype=torch.long)]
             params = [p for n in body if n.op == "call_module"
                       and isinstance(gm_p.get_submodule(n.target), LAYER_TYPES)
+                      and not is_frozen(gm_p.get_submodule(n.target))
                       for p in gm_p.get_submodule(n.target).parameters()]
             result = {"block": number, "end": out.name, "status": "kept", "least_squares": len(fits)}
             if out in index and params and y_o.shape[1:] == _run_block(gm_p, start, body, x_p[:1]).shape[1:]:

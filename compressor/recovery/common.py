@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
+from compressor.graph.branches import is_frozen  # noqa: F401 - the recovery methods' import point
 from compressor.graph.core import run_hooked
 from compressor.recovery.base import RecoveryContext
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
-from compressor.recovery.common import BN_TYPES, LAYER_TYPES, module_or_none
+from compressor.recovery.common import BN_TYPES, LAYER_TYPES, is_frozen, module_or_none
 
 COSINE_THRESHOLD = 0.5  # measured on ResNet-56 (0.3 hurt, 0.8 merges almost nothing)
 
@@ -76,6 +76,8 @@ def merge_group(ctx: RecoveryContext, group, bn_after: dict[str, str], threshold
             continue
         if not isinstance(layer, LAYER_TYPES) or (isinstance(layer, nn.Conv2d) and layer.groups != 1):
             return 0  # merging through depthwise/grouped consumers or unknown ops is not sound
+        if is_frozen(ctx.pruned.get_submodule(m.module)):
+            return 0  # a removed branch: its consumers stay silent
         consumers.append(m)
     vec = _effective_vectors(ctx, group, bn_after)
     if vec is None or not consumers:

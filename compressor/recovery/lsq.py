@@ -54,6 +54,7 @@ from compressor.recovery.common import (
     execution_order,
     image_cap,
     in_bf16,
+    is_frozen,
     require_calib,
     spread,
 )
@@ -67,7 +68,8 @@ def _layers_to_fit(pruned: nn.Module, kept, x1: torch.Tensor, scope: str) -> lis
     if first is None:
         return []
     names = order[first:] if scope == "downstream" else [n for n in order if n in changed]
-    return [n for n in names if isinstance(pruned.get_submodule(n), LAYER_TYPES)]
+    layers = [(n, pruned.get_submodule(n)) for n in names]
+    return [n for n, m in layers if isinstance(m, LAYER_TYPES) and not is_frozen(m)]
 
 
 def refit_layers(

@@ -40,7 +40,7 @@ from torch import nn
 from compressor.graph import lookup
 from compressor.recovery import register
 from compressor.recovery.base import RecoveryContext, RecoveryMethod
-from compressor.recovery.common import BN_TYPES, LAYER_TYPES, held_out_mask, require_calib
+from compressor.recovery.common import BN_TYPES, LAYER_TYPES, held_out_mask, is_frozen, require_calib
 
 STEPS = 300
 LEARNING_RATE = 3e-4  # Adam; 1e-3 diverged on ResNet-56
@@ -94,7 +94,7 @@ def mimic(original: nn.Module, pruned: nn.Module, kept: dict, calib: torch.Tenso
     steps = STEPS if steps is None else steps
     lr = LEARNING_RATE if lr is None else lr
     names = [n for n in _tapped_modules(pruned) if isinstance(lookup(original, n), nn.Module)]
-    params = [p for m in pruned.modules() if isinstance(m, LAYER_TYPES) for p in m.parameters()]
+    params = [p for m in pruned.modules() if isinstance(m, LAYER_TYPES) and not is_frozen(m) for p in m.parameters()]
     if not names or not params or len(calib) < 4:
         return {"status": "skipped"}
     index = {}

@@ -363,3 +363,75 @@ def test_console_entry_keeps_output_and_exit_codes(tmp_path):
     missing = run("no-such-model.pt", "--budget", "50%flops", "--out", str(tmp_path / "out"))
     assert missing.returncode == 1 and missing.stderr.splitlines()[-1].startswith("error: model file")
     assert run("--no-such-option").returncode == 2
+
+
+RESIDUAL_SOURCE = """
+import torch
+import torch.nn as nn
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(Block(), Block(), Block())
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+"""
+
+
+@pytest.mark.parametrize("remove", [True, False])
+def test_a_branch_left_with_one_channel_is_removed(workspace, monkeypatch, remove):
+    """--remove-branches replaces a one-channel residual branch by a constant: two convolutions fewer in
+    model.onnx and model.pt2, FLOPs counted without them; by default they stay, and the summary says so."""
+    import json
+
+    import onnx
+
+    from compressor import deploy
+
+    (workspace / "net.py").write_text(RESIDUAL_SOURCE)
+    search = deploy.search
+
+    def one_channel_in_the_middle_block(config, budget, target, graph, *args, **kwargs):
+        counts, candidates = search(config, budget, target, graph, *args, **kwargs)
+        middle = next(g.id for g in graph.groups if g.root == "blocks.1.conv1")
+        return {**counts, middle: 1}, candidates
+
+    monkeypatch.setattr(deploy, "search", one_channel_in_the_middle_block)
+    out = workspace / "out"
+    option = ["--remove-branches"] if remove else []
+    result = invoke(*[a for a in base_args(workspace, out) if a != "--quiet"], *option, "--eval", workspace / "calib",
+                    "--recovery", "lsq")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    record = json.loads((out / "pruning.json").read_text())
+    convs = sum(n.op_type == "Conv" for n in onnx.load(out / "model.onnx").graph.node)
+    middle = next(layer for layer in report["layers"] if layer["root"] == "blocks.1.conv1")
+    others = sum(2 for layer in report["layers"] if layer["root"].endswith(".conv1")) + 1
+    if remove:
+        assert "removing 1 residual branch(es) left with one channel" in result.output
+        assert report["removed_branches"] == [{"root": "blocks.1.conv1",
+                                               "layers": ["blocks.1.conv1", "blocks.1.bn1", "blocks.1.conv2"]}]
+        assert record["removed_branches"][0]["root"] == "blocks.1.conv1"
+        assert middle["kept"] == 0 and convs == others - 2
+        assert "1 residual branch(es) left with one channel were removed" in (out / "report.md").read_text()
+    else:
+        assert report["removed_branches"] == [] and record["removed_branches"] == []
+        assert report["removable_branches"] == 1 and "--remove-branches replaces them" in result.output
+        assert middle["kept"] == 1 and convs == others
+    assert report["export"]["onnx"]["max_abs_diff"] <= 1e-4 and report["flops"]["ratio"] <= 0.50
+    program = torch.export.load(out / "model.pt2").module()
+    assert sum(1 for n in program.graph.nodes if "conv2d" in str(n.target)) == convs
