@@ -3,6 +3,7 @@ and the fold into constants (same outputs, fewer layers, in PyTorch and in the O
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
 import compressor.graph as graph_mod
@@ -60,19 +61,6 @@ class PlainNet(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
-def _randomized(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
-    return model.eval()
-
-
 def _pruned(model: nn.Module, keep: dict[str, int], x: torch.Tensor):
     graph = graph_mod.build_graph(model, x[:1])
     plan = {g.id: torch.arange(keep[g.root]) for g in graph.groups if g.root in keep}
@@ -90,7 +78,7 @@ def inputs():
 
 def test_branches_at_one_channel_are_found_silenced_and_folded(inputs, tmp_path):
     torch.manual_seed(0)
-    graph, pruned = _pruned(_randomized(ResidualNet()), {"block1.conv1": 1, "block2.conv1": 2,
+    graph, pruned = _pruned(randomize_bn(ResidualNet()), {"block1.conv1": 1, "block2.conv1": 2,
                                                          "block3.depthwise.0": 1}, inputs)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
     # block2 keeps two channels: not a branch to remove
@@ -131,14 +119,14 @@ def test_branches_at_one_channel_are_found_silenced_and_folded(inputs, tmp_path)
 
 
 def test_a_constant_that_would_reach_a_layer_is_not_removable(inputs):
-    graph, pruned = _pruned(_randomized(PlainNet()), {"body.0": 1}, inputs)
+    graph, pruned = _pruned(randomize_bn(PlainNet()), {"body.0": 1}, inputs)
     assert branches.find_removable(pruned.model, graph.groups, pruned.plan) == []
 
 
 def test_without_batchnorm_the_constant_is_the_calibration_mean(inputs):
     model = ResidualNet()
     model.block1.bn2 = nn.Identity()
-    graph, pruned = _pruned(_randomized(model), {"block1.conv1": 1}, inputs)
+    graph, pruned = _pruned(randomize_bn(model), {"block1.conv1": 1}, inputs)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
     assert [b.root for b in found] == ["block1.conv1"]
     branches.silence(pruned.model, graph.model, found, pruned.kept, inputs)
@@ -152,7 +140,7 @@ def test_without_batchnorm_the_constant_is_the_calibration_mean(inputs):
 @pytest.mark.parametrize("method", ["lsq", "block", "mimic", "bias", "bn", "datafree", "lsq_block"])
 def test_every_recovery_method_leaves_the_silenced_layers(inputs, method):
     calib = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    graph, pruned = _pruned(_randomized(ResidualNet()), {"block1.conv1": 1, "block2.conv1": 3}, inputs)
+    graph, pruned = _pruned(randomize_bn(ResidualNet()), {"block1.conv1": 1, "block2.conv1": 3}, inputs)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
     branches.silence(pruned.model, graph.model, found, pruned.kept, calib)
     frozen = {n: {k: v.clone() for k, v in pruned.model.get_submodule(n).state_dict().items()}
@@ -184,7 +172,7 @@ def test_torchvision_branches_fold_to_the_same_outputs(name, pattern, expected):
     import torchvision
 
     torch.manual_seed(0)
-    model = _randomized(getattr(torchvision.models, name)(weights=None, num_classes=10))
+    model = randomize_bn(getattr(torchvision.models, name)(weights=None, num_classes=10))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     graph = graph_mod.build_graph(model, x[:1])
     plan = {g.id: torch.tensor([0]) for g in graph.groups if g.prunable and re.search(pattern, g.root)}
