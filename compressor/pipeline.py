@@ -476,13 +476,13 @@ def _silence_branches(config: CompressConfig, graph, pruned, calib: torch.Tensor
     """With ``--remove-branches``, silence the residual branches the width search left with one channel
     (``graph.branches``); the recovery then repairs the network for their absence. Returns the silenced
     branches and how many could be removed."""
-    from compressor.graph.branches import find_removable, silence
+    from compressor.graph.branches import branch_means, find_removable, silence
 
     branches = find_removable(pruned.model, graph.groups, pruned.plan)
     if not branches or not config.remove_branches:
         return [], len(branches)
     with stages.stage("prune", f"removing {len(branches)} residual branch(es) left with one channel"):
-        silence(pruned.model, graph.model, branches, pruned.kept, calib)
+        silence(pruned.model, branches, pruned.kept, branch_means(graph.model, branches, calib))
         stages.note(", ".join(b.root for b in branches))
     return branches, len(branches)
 

@@ -88,7 +88,7 @@ def test_branches_at_one_channel_are_found_silenced_and_folded(inputs, tmp_path)
     assert inverted.consumers == ["block3.project.0"]
     assert {"block3.expand.0", "block3.depthwise.0"} <= set(inverted.producers)
 
-    branches.silence(pruned.model, graph.model, found, pruned.kept, inputs)
+    branches.silence(pruned.model, found, pruned.kept, branches.branch_means(graph.model, found, inputs))
     silenced = pruned.model(inputs)
     basic = next(b for b in found if b.root == "block1.conv1")
     conv2 = pruned.model.get_submodule(basic.consumers[0])
@@ -129,7 +129,7 @@ def test_without_batchnorm_the_constant_is_the_calibration_mean(inputs):
     graph, pruned = _pruned(randomize_bn(model), {"block1.conv1": 1}, inputs)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
     assert [b.root for b in found] == ["block1.conv1"]
-    branches.silence(pruned.model, graph.model, found, pruned.kept, inputs)
+    branches.silence(pruned.model, found, pruned.kept, branches.branch_means(graph.model, found, inputs))
     mean = graph.model.block1.conv2(
         torch.relu(graph.model.block1.bn1(graph.model.block1.conv1(graph.model.stem(inputs))))).mean((0, 2, 3))
     assert torch.allclose(pruned.model.block1.conv2.bias, mean, atol=1e-5)
@@ -142,7 +142,7 @@ def test_every_recovery_method_leaves_the_silenced_layers(inputs, method):
     calib = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     graph, pruned = _pruned(randomize_bn(ResidualNet()), {"block1.conv1": 1, "block2.conv1": 3}, inputs)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
-    branches.silence(pruned.model, graph.model, found, pruned.kept, calib)
+    branches.silence(pruned.model, found, pruned.kept, branches.branch_means(graph.model, found, calib))
     frozen = {n: {k: v.clone() for k, v in pruned.model.get_submodule(n).state_dict().items()}
               for b in found for n in b.consumers + b.producers}
     other = pruned.model.block2.conv2.weight.detach().clone()
@@ -179,9 +179,10 @@ def test_torchvision_branches_fold_to_the_same_outputs(name, pattern, expected):
     pruned = graph_mod.apply_plan(graph, plan)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
     assert len(found) == expected
-    branches.silence(pruned.model, graph.model, found, pruned.kept, x)
+    branches.silence(pruned.model, found, pruned.kept, branches.branch_means(graph.model, found, x))
     folded, merges = branches.fold(pruned.model, found)
     assert merges == expected
     reference = pruned.model(x)
     assert torch.allclose(folded(x), reference, atol=1e-4 * max(1.0, float(reference.abs().max())))
     assert _count(folded) < _count(pruned.model)
+
