@@ -124,8 +124,9 @@ def search(config: CompressConfig, budget: Budget, target: Target, graph, scores
     stages.note(f"original latency {original_ms:.3f} ms; target {target_ms:.3f} ms")
     if budget.kind == "speedup":
         timer = _paired_timer(config, target, example, reference, original_ms, stages.note)
+    prepare = _removing_branches(graph) if config.removes_branches(budget.kind) else None
     counts, candidates = widths.latency_widths(
-        allocation, graph, scores, target_ms, timer, progress=stages.note, **kwargs
+        allocation, graph, scores, target_ms, timer, progress=stages.note, prepare=prepare, **kwargs
     )
     for c in candidates:
         c["original_ms"] = original_ms
@@ -133,6 +134,21 @@ def search(config: CompressConfig, budget: Budget, target: Target, graph, scores
     chosen = next(c for c in candidates if c.get("chosen"))
     stages.note(f"chosen candidate: {chosen['flops_ratio']:.0%} FLOPs, {chosen['latency_ms']:.3f} ms measured")
     return counts, candidates
+
+
+def _removing_branches(graph) -> Callable:
+    """A latency candidate as ``--remove-branches`` ships it: its one-channel branches folded into constants
+    (their values, taken from the BatchNorm statistics, do not change the timing)."""
+    from compressor.graph.branches import branch_means, find_removable, fold, silence
+
+    def prepare(pruned) -> nn.Module:
+        found = find_removable(pruned.model, graph.groups, pruned.plan)
+        if not found:
+            return pruned.model
+        silence(pruned.model, found, pruned.kept, branch_means(graph.model, found))
+        return fold(pruned.model, found)[0]
+
+    return prepare
 
 
 def primary_backend(target: Target) -> str:

@@ -303,7 +303,8 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     if evaluation is not None and config.eval_before_recovery:
         with stages.stage("evaluate", "measuring accuracy before recovery"):
             acc["before_recovery"] = accuracy(pruned.model, evaluation, eval_backends)
-    branches, removable = _silence_branches(config, graph, pruned, recovery_images, stages)
+    branches, removable = _silence_branches(config.removes_branches(budget.kind), graph, pruned, recovery_images,
+                                            stages)
     from compressor.recovery.recipe import DATA_FREE_RECIPE, DEFAULT_RECIPE, run_recipe
 
     recipe = config.recovery_recipe
@@ -471,15 +472,15 @@ def pruning_record(config: CompressConfig, graph, plan, kept, branches=()) -> di
     }
 
 
-def _silence_branches(config: CompressConfig, graph, pruned, calib: torch.Tensor | None,
+def _silence_branches(remove: bool, graph, pruned, calib: torch.Tensor | None,
                       stages: Stages) -> tuple[list, int]:
-    """With ``--remove-branches``, silence the residual branches the width search left with one channel
+    """When ``remove``, silence the residual branches the width search left with one channel
     (``graph.branches``); the recovery then repairs the network for their absence. Returns the silenced
     branches and how many could be removed."""
     from compressor.graph.branches import branch_means, find_removable, silence
 
     branches = find_removable(pruned.model, graph.groups, pruned.plan)
-    if not branches or not config.remove_branches:
+    if not branches or not remove:
         return [], len(branches)
     with stages.stage("prune", f"removing {len(branches)} residual branch(es) left with one channel"):
         silence(pruned.model, branches, pruned.kept, branch_means(graph.model, branches, calib))

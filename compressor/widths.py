@@ -90,19 +90,23 @@ def latency_widths(
     measure_ms: Callable[[torch.nn.Module], float],
     *,
     progress: Callable[[str], None] = lambda _msg: None,
+    prepare: Callable[[graph_mod.PrunedModel], torch.nn.Module] | None = None,
     **kwargs,
 ) -> tuple[dict[int, int], list[dict]]:
     """Widest candidate whose *measured* latency is at most ``target_ms``.
 
     Bisects the FLOPs ratio; each candidate is pruned physically and timed with
-    ``measure_ms`` on the target, so the final choice is a direct measurement.
+    ``measure_ms`` on the target, so the final choice is a direct measurement. ``prepare``: turns
+    the pruned candidate into the model that would ship (e.g. its thin branches removed), which
+    is then timed and counted.
     """
     candidates: list[dict] = []
 
     def trial(ratio: float) -> tuple[dict[int, int], float]:
         counts = flops_widths(allocation, graph, scores, ratio, verify=False, **kwargs)
         plan = make_plan(graph, scores, counts)
-        pruned = graph_mod.apply_plan(graph, plan).model
+        candidate = graph_mod.apply_plan(graph, plan)
+        pruned = prepare(candidate) if prepare is not None else candidate.model
         ms = measure_ms(pruned)
         macs, _ = graph_mod.count_macs_params(pruned, graph.example_input)
         candidates.append({"flops_ratio": ratio, "macs": macs, "latency_ms": ms})

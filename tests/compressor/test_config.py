@@ -43,3 +43,11 @@ def test_model_output_defaults_to_logits_and_features_refuse_class_options():
                        ("--max-accuracy-drop", {"max_accuracy_drop": 1.0})):
         with pytest.raises(UsageError, match=f"^{option} needs class outputs"):
             config(model_output="features", **kw)
+
+
+@pytest.mark.parametrize(("given", "kind", "removed"), [
+    (None, "flops", False), (None, "latency_ms", True), (None, "speedup", True),
+    (True, "flops", True), (False, "speedup", False),
+])
+def test_one_channel_branches_are_removed_under_latency_budgets_by_default(given, kind, removed):
+    assert config(remove_branches=given).removes_branches(kind) is removed

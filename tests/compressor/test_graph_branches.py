@@ -186,3 +186,26 @@ def test_torchvision_branches_fold_to_the_same_outputs(name, pattern, expected):
     assert torch.allclose(folded(x), reference, atol=1e-4 * max(1.0, float(reference.abs().max())))
     assert _count(folded) < _count(pruned.model)
 
+
+
+def test_a_latency_search_with_remove_branches_times_the_folded_candidates(inputs):
+    """On a launch-bound target (time = number of convolutions) only removing layers helps: with
+    --remove-branches the search times each candidate with its one-channel branches folded away."""
+    from compressor import deploy, widths
+    from compressor.errors import BudgetError
+
+    graph = graph_mod.build_graph(randomize_bn(ResidualNet()), inputs[:1])
+    scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in graph.groups}
+    target_ms = _count(graph.model) - 2.0
+
+    def launches(model):
+        return float(_count(model))
+
+    with pytest.raises(BudgetError, match="launch-bound"):
+        widths.latency_widths("global", graph, scores, target_ms, launches)
+    counts, candidates = widths.latency_widths("global", graph, scores, target_ms, launches,
+                                               prepare=deploy._removing_branches(graph))
+    chosen = next(c for c in candidates if c.get("chosen"))
+    assert chosen["latency_ms"] <= target_ms
+    branch_roots = {"block1.conv1", "block2.conv1", "block3.depthwise.0"}
+    assert any(counts[g.id] == 1 for g in graph.groups if g.root in branch_roots)
