@@ -378,12 +378,15 @@ def allocate_widths(
     progress: Callable[[str], None] | None = None,
     ratios: tuple[float, ...] = PROBE_RATIOS,
     output: str = "logits",
+    cache: dict | None = None,
 ) -> dict[int, int]:
     """Kept channel count per prunable group with ``estimate_macs <= target_macs``, by measured sensitivity.
 
     Counts honour each group's ``min_channels`` and ``multiple``. ``ratios``: the probe widths, as
     fractions of each group's width (PROBE_RATIOS). ``output``: ``"features"`` for a model whose output is
-    an embedding (the distortion is then its relative squared error, not a KL divergence).
+    an embedding (the distortion is then its relative squared error, not a KL divergence). ``cache``: a
+    dict kept between calls on the same graph, scores and images (the latency search's trials): the
+    prober and its measured curves are made once and reused, since they do not depend on the target.
 
     Raises:
         BudgetError: the target is below what the narrowest allowed widths give.
@@ -399,8 +402,12 @@ def allocate_widths(
     if estimate(counts) <= target_macs:
         return counts
     start = time.perf_counter()
-    prober = _make_prober(graph, calib, device, output=output)
-    curves = probe_sensitivity(graph, scores, calib, device=device, ratios=ratios, progress=progress, prober=prober)
+    cache = {} if cache is None else cache
+    if "curves" not in cache:
+        cache["prober"] = _make_prober(graph, calib, device, output=output)
+        cache["curves"] = probe_sensitivity(graph, scores, calib, device=device, ratios=ratios, progress=progress,
+                                            prober=cache["prober"])
+    prober, curves = cache["prober"], cache["curves"]
     by_id = {g.id: g for g in prunable}
     for round_ in range(MAX_REFINE_ROUNDS + 1):
         counts, current = _greedy(by_id, curves, floor, estimate, change, target_macs)

@@ -34,11 +34,13 @@ def flops_widths(
     ctx=None,
     calib: torch.Tensor | None = None,
     verify: bool = True,
+    cache: dict | None = None,
 ) -> dict[int, int]:
     """Kept counts whose exactly counted MACs are at most ``ratio`` of the original's.
 
     The fast estimate drives the search; the physically pruned candidate is then counted
-    exactly and the target tightened until the exact count fits.
+    exactly and the target tightened until the exact count fits. ``cache``: kept by the caller between
+    calls on the same graph and scores (see ``sensitivity.allocate_widths``).
     """
     full = {g.id: g.size for g in graph.groups if g.prunable}
     estimate: Callable[[dict[int, int]], float] = lambda counts: graph_mod.estimate_macs(graph, counts)  # noqa: E731
@@ -47,7 +49,7 @@ def flops_widths(
     target_est = ratio * est_full
     counts = full
     for _ in range(MAX_VERIFY_ROUNDS):
-        counts = _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, calib)
+        counts = _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, calib, cache)
         if not verify:
             return counts
         plan = make_plan(graph, scores, counts)
@@ -61,7 +63,7 @@ def flops_widths(
     )
 
 
-def _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, calib) -> dict[int, int]:
+def _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, calib, cache=None) -> dict[int, int]:
     groups = graph.groups
     if allocation == "uniform":
         ratios = {g.id: 1.0 for g in groups if g.prunable}
@@ -78,7 +80,8 @@ def _allocate(allocation, graph, scores, target_est, estimate, criterion, ctx, c
             raise CompressorError("--allocation sensitivity needs calibration data; pass --calib or use global")
         from compressor.sensitivity import allocate_widths
 
-        return allocate_widths(graph, scores, calib, target_est, output=getattr(ctx, "output", "logits"))
+        return allocate_widths(graph, scores, calib, target_est, output=getattr(ctx, "output", "logits"),
+                               cache=cache)
     return budget_mod.search_widths(groups, scores, target_est, estimate)
 
 
@@ -101,9 +104,10 @@ def latency_widths(
     is then timed and counted.
     """
     candidates: list[dict] = []
+    cache: dict = {}  # the sensitivity probes, measured once for all the trials
 
     def trial(ratio: float) -> tuple[dict[int, int], float]:
-        counts = flops_widths(allocation, graph, scores, ratio, verify=False, **kwargs)
+        counts = flops_widths(allocation, graph, scores, ratio, verify=False, cache=cache, **kwargs)
         plan = make_plan(graph, scores, counts)
         candidate = graph_mod.apply_plan(graph, plan)
         pruned = prepare(candidate) if prepare is not None else candidate.model

@@ -387,6 +387,36 @@ def test_allocate_widths_probes_the_given_widths(monkeypatch, ratios):
         assert measured[g.id] - expected <= {c for c in measured[g.id] if c < min(expected)}  # refinements only
 
 
+def test_allocate_widths_with_a_cache_probes_once_for_every_target(monkeypatch):
+    """The latency search allocates for several FLOPs targets: the probes are measured for the first only."""
+    from compressor import graph as graph_mod
+    from compressor import sensitivity
+
+    ctx = make_case()
+    graph = graph_mod.build_graph(ctx.original, images(1, 0))
+    prunable = [g for g in graph.groups if g.prunable]
+    calls = []
+
+    def distortion(self, plan, refit=True):
+        ((gid, kept),) = plan.items()
+        calls.append((gid, len(kept)))
+        return 1.0 - len(kept) / graph.groups[gid].size
+
+    monkeypatch.setattr(sensitivity._Prober, "distortion", distortion)
+    scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in prunable}
+    full = graph_mod.estimate_macs(graph, {g.id: g.size for g in prunable})
+    calib, cache = images(64, 11), {}
+    first = sensitivity.allocate_widths(graph, scores, calib, 0.6 * full, cache=cache)
+    probed = len(calls)
+    assert probed >= len(prunable) and set(cache) == {"prober", "curves"}
+    assert sensitivity.allocate_widths(graph, scores, calib, 0.6 * full, cache=cache) == first
+    lower = sensitivity.allocate_widths(graph, scores, calib, 0.4 * full, cache=cache)
+    assert graph_mod.estimate_macs(graph, lower) <= 0.4 * full
+    # afterwards only refinements below the probed widths, never a width measured before
+    assert not set(calls[probed:]) & set(calls[:probed])
+    assert len(calls) - probed <= 2 * len(prunable) * sensitivity.MAX_REFINE_ROUNDS
+
+
 @pytest.mark.parametrize("calib_size, probe, fit", [(64, 16, 48), (128, 64, 64), (1024, 64, 64)])
 def test_probe_slice_leaves_images_for_the_refits(monkeypatch, calib_size, probe, fit):
     """64 probe images when there are enough; 16 on small sets, so the refits keep at least 48 others."""
