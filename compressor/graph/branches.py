@@ -111,12 +111,10 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _uniform_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A layer that maps a spatially uniform input to a uniform output: linear, or a convolution whose
-    kernel is 1 and which pads nothing (a bottleneck's last 1x1 convolution)."""
+    """A convolution that maps a spatially uniform input to a uniform output: its kernel is 1 and it pads
+    nothing (a bottleneck's last 1x1 convolution)."""
     m = _module(gm, node)
-    if isinstance(m, nn.Linear):
-        return True
-    if not isinstance(m, LAYERS):
+    if not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return False
     # with a 1-wide kernel "same" pads nothing either
     return all(k == 1 for k in m.kernel_size) and (isinstance(m.padding, str) or all(p == 0 for p in m.padding))
@@ -273,12 +271,12 @@ def fold(model: nn.Module, branches: list[Branch]) -> tuple[nn.Module, int]:
             layer = _module(gm, node)
             channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             bias = layer.bias if layer.bias is not None else torch.zeros(channels, device=layer.weight.device)
-            values[node] = bias.detach().reshape(1, channels, *([1] * _spatial_dims(layer)))
-        elif node.op == "call_module":
-            values[node] = _module(gm, node)(values[node.all_input_nodes[0]])
+            values[node] = bias.detach().clone().reshape(1, channels, *([1] * _spatial_dims(layer)))
+        elif node.op == "call_module":  # inputs cloned: an in-place activation must not change another value
+            values[node] = _module(gm, node)(values[node.all_input_nodes[0]].clone())
         else:
-            args = fx.node.map_arg(node.args, lambda a: values[a])
-            kwargs = fx.node.map_arg(node.kwargs, lambda a: values[a])
+            args = fx.node.map_arg(node.args, lambda a: values[a].clone())
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: values[a].clone())
             fn = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
             values[node] = fn(*args, **kwargs)
     for k, merge in enumerate(merges):

@@ -124,8 +124,10 @@ def test_a_constant_that_would_reach_a_layer_is_not_removable(inputs):
 
 
 def test_without_batchnorm_the_constant_is_the_calibration_mean(inputs):
+    """A branch ending in an in-place activation instead of a BatchNorm: the constant is the mean measured
+    on the calibration images, and the fold's in-place evaluation leaves the model's own bias alone."""
     model = ResidualNet()
-    model.block1.bn2 = nn.Identity()
+    model.block1.bn2 = nn.ReLU(inplace=True)
     graph, pruned = _pruned(randomize_bn(model), {"block1.conv1": 1}, inputs)
     found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
     assert [b.root for b in found] == ["block1.conv1"]
@@ -135,6 +137,7 @@ def test_without_batchnorm_the_constant_is_the_calibration_mean(inputs):
     assert torch.allclose(pruned.model.block1.conv2.bias, mean, atol=1e-5)
     folded, merges = branches.fold(pruned.model, found)
     assert merges == 1 and torch.allclose(folded(inputs), pruned.model(inputs), atol=1e-5)
+    assert torch.allclose(pruned.model.block1.conv2.bias, mean, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lsq", "block", "mimic", "bias", "bn", "datafree", "lsq_block"])
