@@ -3,7 +3,7 @@ and the fold into constants (same outputs, fewer layers, in PyTorch and in the O
 
 import pytest
 import torch
-from conftest import randomize_bn
+from conftest import load_cifar_shapes, randomize_bn
 from torch import nn
 
 import compressor.graph as graph_mod
@@ -212,3 +212,29 @@ def test_a_latency_search_with_remove_branches_times_the_folded_candidates(input
     assert chosen["latency_ms"] <= target_ms
     branch_roots = {"block1.conv1", "block2.conv1", "block3.depthwise.0"}
     assert any(counts[g.id] == 1 for g in graph.groups if g.root in branch_roots)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("cifar_vgg16", 0), ("cifar_resnet18", 8), ("cifar_preact_resnet18", 8),
+    ("cifar_senet18", 0),  # a squeeze-excitation gate multiplies the branch: a constant would not stay one
+    ("cifar_mobilenet_v2", 14), ("cifar_densenet", 0),  # concatenations keep every layer's channels
+])
+def test_each_group_alone_at_one_channel_folds_exactly_where_it_is_removable(name, expected):
+    """The community CIFAR architectures of bench/cifar_shapes.py, each group pruned alone to one channel."""
+    torch.manual_seed(0)
+    model = randomize_bn(load_cifar_shapes().build(name, 0.25))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    graph = graph_mod.build_graph(model, x[:1])
+    removed = 0
+    for group in [g for g in graph.groups if g.prunable and g.size >= 2]:
+        pruned = graph_mod.apply_plan(graph, {group.id: torch.tensor([0])})
+        found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
+        if not found:
+            continue
+        branches.silence(pruned.model, found, pruned.kept, branches.branch_means(graph.model, found, x))
+        reference = pruned.model(x)
+        folded, merges = branches.fold(pruned.model, found)
+        assert merges == 1 and _count(folded) < _count(pruned.model), group.root
+        assert torch.allclose(folded(x), reference, atol=1e-4 * max(1.0, float(reference.abs().max()))), group.root
+        removed += 1
+    assert removed == expected
