@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from compressor.channel_ops import ChannelScatter
+from compressor.graph.core import device_of
 from compressor.groups import ChannelGroup, Plan
 
 FROZEN_ATTR = "_compressor_frozen"  # set on layers the recovery must leave as they are
@@ -240,7 +241,7 @@ def _mean_outputs(model: nn.Module, names: list[str], calib: torch.Tensor, image
             sums[name] = sums.get(name, 0) + out.double().sum(dim=[d for d in range(out.dim()) if d != 1])
             counts[name] = counts.get(name, 0) + out.numel() // out.shape[1]
         handles.append(model.get_submodule(name).register_forward_hook(hook))
-    x = calib[:images]
+    x = calib[:images].to(device_of(model))
     try:
         for i in range(0, len(x), 64):
             model(x[i : i + 64])
