@@ -324,7 +324,12 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
                 stages.note("recovery left the held-out calibration images further from the original: undone")
     recovered = pruned.model.eval()
     if branches:
-        recovered, branches = _fold_branches(recovered, branches, soundness_inputs, stages)
+        from compressor.graph.branches import fold_checked
+
+        recovered, folded = fold_checked(recovered, branches, soundness_inputs, SOUNDNESS_TOLERANCE)
+        if not folded:
+            stages.note("the silenced branches could not be folded into constants: their layers stay in the model")
+            branches = []
         macs1, params1 = graph_mod.count_macs_params(recovered, example)
     with stages.stage("export", "exporting ONNX and checking it in onnxruntime"):
         export_info = deploy.export_all(recovered, example, soundness_inputs, tmp, target, input_shape,
@@ -486,21 +491,6 @@ def _silence_branches(remove: bool, graph, pruned, calib: torch.Tensor | None,
         silence(pruned.model, branches, pruned.kept, branch_means(graph.model, branches, calib))
         stages.note(", ".join(b.root for b in branches))
     return branches, len(branches)
-
-
-def _fold_branches(model: nn.Module, branches: list, inputs: torch.Tensor, stages: Stages) -> tuple[nn.Module, list]:
-    """The model with its silenced branches folded into constants (checked on ``inputs``), and the branches
-    removed; the model unchanged (and no branches) when the fold does not reproduce it."""
-    from compressor.graph.branches import fold
-
-    folded, _ = fold(model, branches)
-    if folded is not model:
-        with torch.no_grad():
-            ref, out = evaluate.predict(model, inputs), evaluate.predict(folded, inputs)
-        if float((ref - out).abs().max()) <= SOUNDNESS_TOLERANCE * max(1.0, float(ref.abs().max())):
-            return folded.eval(), branches
-    stages.note("the silenced branches could not be folded into constants: their layers stay in the model")
-    return model, []
 
 
 __all__ = ["run", "accuracy"]

@@ -301,11 +301,26 @@ def fold(model: nn.Module, branches: list[Branch]) -> tuple[nn.Module, int]:
     return _plain_module(gm, type(model).__name__).train(model.training), len(merges)
 
 
+@torch.no_grad()
+def fold_checked(model: nn.Module, branches: list[Branch], inputs: torch.Tensor,
+                 tolerance: float) -> tuple[nn.Module, bool]:
+    """:func:`fold`, kept only when the folded model's outputs on ``inputs`` stay within ``tolerance`` (relative
+    to the outputs' magnitude) of ``model``'s: (folded model, True), else (``model``, False)."""
+    folded, _ = fold(model, branches)
+    if folded is model:
+        return model, False
+    x = inputs.to(device_of(model))
+    ref, out = model.eval()(x), folded.eval()(x)
+    if float((ref - out).abs().max()) > tolerance * max(1.0, float(ref.abs().max())):
+        return model, False
+    return folded, True
+
+
 def _spatial_dims(layer: nn.Module) -> int:
     if isinstance(layer, nn.Linear):
         return 0
     return {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(layer)]
 
 
-__all__ = ["Branch", "FROZEN_ATTR", "branch_means", "find_removable", "fold", "is_frozen",
+__all__ = ["Branch", "FROZEN_ATTR", "branch_means", "find_removable", "fold", "fold_checked", "is_frozen",
            "silence", "trace"]

@@ -238,3 +238,20 @@ def test_each_group_alone_at_one_channel_folds_exactly_where_it_is_removable(nam
         assert torch.allclose(folded(x), reference, atol=1e-4 * max(1.0, float(reference.abs().max()))), group.root
         removed += 1
     assert removed == expected
+
+
+def test_a_fold_that_changes_the_outputs_is_not_kept(inputs, monkeypatch):
+    graph, pruned = _pruned(randomize_bn(ResidualNet()), {"block1.conv1": 1}, inputs)
+    found = branches.find_removable(pruned.model, graph.groups, pruned.plan)
+    branches.silence(pruned.model, found, pruned.kept, branches.branch_means(graph.model, found))
+    folded, ok = branches.fold_checked(pruned.model, found, inputs, 1e-4)
+    assert ok and folded is not pruned.model
+    real_fold = branches.fold
+
+    def off_by_a_little(model, found):
+        out, merges = real_fold(model, found)
+        out.removed_branch_0.add_(0.1)
+        return out, merges
+
+    monkeypatch.setattr(branches, "fold", off_by_a_little)
+    assert branches.fold_checked(pruned.model, found, inputs, 1e-4) == (pruned.model, False)
