@@ -2,7 +2,8 @@
 
 Each run is a separate ``compress`` process (Python start-up included), with the defaults: 1,024
 calibration images from train.tar.gz, accuracy on all 5,000 val.tar.gz images, latency in
-onnxruntime on the CPU. Rows: FLOPs budget x calibration seed (``--seed`` draws the 1,024 images).
+onnxruntime on the CPU. Rows: budget x calibration seed (``--seed`` draws the 1,024 images). A budget is a
+percentage of the FLOPs (``50``) or any other ``--budget`` text (``1.5x``, ``3ms``).
 Columns: accuracy, FLOPs and parameters kept, batch-1 latency, the run's stages, process wall time
 and peak memory (the issue's goal: the whole run within 60 s on a 2-core machine).
 
@@ -46,7 +47,18 @@ def model_spec(weights: str) -> str:
     return f"{MODELS / 'cifar_resnet.py'}:CifarResNet" + ("" if depth == 56 else f"(depth={depth})")
 
 
-def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
+def branch_options(args) -> tuple[str, ...]:
+    """The compress options ``--remove-branches`` / ``--keep-branches`` asked for."""
+    return tuple(option for option, given in (("--remove-branches", args.remove_branches),
+                                              ("--keep-branches", args.keep_branches)) if given)
+
+
+def budget_text(budget: str) -> str:
+    """``50`` -> ``50%flops``; any other budget text as it is."""
+    return f"{budget}%flops" if budget.isdigit() else budget
+
+
+def run_once(budget: str, seed: int, out: Path, recovery: str | None = None,
              weights: str = DEFAULT_WEIGHTS, synthesize: int | None = None,
              calib_size: int | None = None, augment: bool = False, options: tuple[str, ...] = ()
              ) -> tuple[dict, float, float]:
@@ -64,7 +76,7 @@ def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
         data += ["--augment"]
     cmd = [
         "compress", model_spec(weights), "--weights", str(MODELS / weights),
-        "--budget", f"{budget}%flops", *data, "--eval", str(VAL),
+        "--budget", budget_text(budget), *data, "--eval", str(VAL),
         "--mean", ",".join(map(str, CIFAR_MEAN)), "--std", ",".join(map(str, CIFAR_STD)),
         "--device", "cpu", "--seed", str(seed), "--out", str(out), "--force", "--quiet",
     ]
@@ -83,7 +95,8 @@ def run_once(budget: int, seed: int, out: Path, recovery: str | None = None,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budgets", default="50,40", help="FLOPs budgets in percent, comma-separated")
+    parser.add_argument("--budgets", default="50,40",
+                        help="budgets, comma-separated: FLOPs in percent (50) or compress's text (1.5x, 3ms)")
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "whole_run.md"))
     parser.add_argument("--recovery", default=None, help="recovery recipe passed to compress (default: its own)")
@@ -94,20 +107,21 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=None, help="--calib-size for compress [its default]")
     parser.add_argument("--augment", action="store_true", help="pass --augment (copies of synthesized images too)")
     parser.add_argument("--remove-branches", action="store_true", help="pass --remove-branches")
+    parser.add_argument("--keep-branches", action="store_true", help="pass --keep-branches")
     args = parser.parse_args()
     stages = STAGES if args.synthesize is None else ("synthesize", *STAGES)
     require_shared()
     rows, walls = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for budget in (int(b) for b in args.budgets.split(",")):
+        for budget in (b.strip() for b in args.budgets.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 report, wall, peak_gb = run_once(budget, seed, Path(tmp) / f"run{budget}_{seed}", args.recovery,
                                                    args.weights, args.synthesize, args.calib_size, args.augment,
-                                                   ("--remove-branches",) if args.remove_branches else ())
+                                                   branch_options(args))
                 acc, lat, t = report["accuracy"], report["latency"], report["timings_s"]
                 walls.append(wall)
                 rows.append([
-                    f"{budget}%flops", str(seed), f"{acc['original']:.2%} -> {acc['pruned']:.2%}",
+                    budget_text(budget), str(seed), f"{acc['original']:.2%} -> {acc['pruned']:.2%}",
                     f"{report['flops']['ratio']:.1%}" + (f" ({len(report['removed_branches'])} branches removed)"
                                                          if report.get("removed_branches") else ""),
                     f"{report['params']['ratio']:.1%}",
@@ -123,8 +137,8 @@ def main() -> None:
         extra += f" --calib-size {args.calib_size}"
     if args.augment:
         extra += " --augment"
-    if args.remove_branches:
-        extra += " --remove-branches"
+    for option in branch_options(args):
+        extra += f" {option}"
     if args.synthesize is not None:
         data = f"--input-shape 3x32x32 --synthesize {args.synthesize}"
         extra += f" --synthesize {args.synthesize}, no --calib"
@@ -134,7 +148,7 @@ def main() -> None:
         f"The README's reference command, as a user runs it (`compress '{shown_model}' "
         f"--weights {args.weights} --budget B {data} --eval val.tar.gz ... --device cpu"
         f"{' --recovery ' + args.recovery if args.recovery else ''}"
-        f"{' --remove-branches' if args.remove_branches else ''}`), defaults otherwise"
+        f"{''.join(' ' + o for o in branch_options(args))}`), defaults otherwise"
         + ("" if args.synthesize == 0 else " (criterion `reconstruction`, sensitivity allocation"
            + ("" if args.recovery else f", recovery `{','.join(DEFAULT_RECIPE)}`") + ")")
         + "; seed: " + ("the calibration subset's" if args.synthesize is None else "the synthesis's")
