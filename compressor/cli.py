@@ -109,6 +109,10 @@ def compress_command(
                                          "score against its own output, and the allocation and recovery measure "
                                          "the output's relative squared error; no --eval, --labels or "
                                          "--max-accuracy-drop)."),
+    output_key: str | None = typer.Option(None, help="For MODEL returning a dict or a tuple: the key or position "
+                                          "of the output to compress against, e.g. out for torchvision's "
+                                          "segmentation models (with --model-output features) [the only tensor "
+                                          "output]. The exported model returns that output alone."),
     recovery: str | None = typer.Option(None, help="Recovery recipe, comma-separated, applied in order, from: "
                                            f"{_recovery_choices()}. lsq alone is faster (ResNet-56 on a 2-core "
                                            "CPU: 15-20 s less) and repairs less (0.7-2.5 points); lsq_block "
@@ -160,7 +164,7 @@ def compress_command(
             eval_before_recovery=eval_before_recovery,
             input_shape=parse_shape(input_shape) if input_shape else None,
             mean=parse_floats(mean, "--mean") if mean else None, std=parse_floats(std, "--std") if std else None,
-            criterion=criterion, labels=labels, model_output=model_output,
+            criterion=criterion, labels=labels, model_output=model_output, output_key=output_key,
             recovery=tuple(r.strip() for r in recovery.split(",") if r.strip()) if recovery is not None else None,
             allocation=allocation, remove_branches=remove_branches, ignore=tuple(ignore), min_channels=min_channels,
             align=align, device=device,

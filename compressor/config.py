@@ -47,6 +47,9 @@ class CompressConfig:
             embedding or feature maps, e.g. a self-supervised backbone): criteria then score against the model's own
             output vector, and the allocation and the recovery's held-out check measure the relative
             squared error of the output instead of a KL divergence between class distributions.
+        output_key: For a model returning a dict or a tuple: the key (or position) of the output to
+            compress against, e.g. ``out`` for torchvision's segmentation models (None: the only tensor
+            entry; several are an error).
         recovery: Ordered recovery recipe; None: the default recipe; () or ("none",): none.
         allocation: How widths are chosen: "global" ranking, "uniform", "sensitivity"
             (measured recoverability), "criterion" (widths proposed by the criterion).
@@ -88,6 +91,7 @@ class CompressConfig:
     criterion: str | None = None
     labels: bool = False
     model_output: str | None = None
+    output_key: str | None = None
     recovery: tuple[str, ...] | None = None
     allocation: str | None = None
     remove_branches: bool | None = None
@@ -124,6 +128,8 @@ class CompressConfig:
             raise UsageError(f"--allocation {self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
         if self.model_output is not None and self.model_output not in MODEL_OUTPUTS:
             raise UsageError(f"--model-output {self.model_output!r} is not one of {', '.join(MODEL_OUTPUTS)}")
+        if self.output_key is not None and not self.output_key.strip():
+            raise UsageError("--output-key is empty; pass a dict key (e.g. out) or a tuple position (e.g. 0)")
         if self.model_output == "features":
             for given, option in ((self.eval, "--eval"), (self.labels, "--labels"),
                                   (self.max_accuracy_drop is not None, "--max-accuracy-drop")):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compressor import budget as budget_mod
-from compressor import evaluate, widths
+from compressor import evaluate, output_select, widths
 from compressor import graph as graph_mod
 from compressor.config import DEFAULT_CALIB_SIZE, CompressConfig
 from compressor.criteria import ScoringContext, get_criterion
@@ -85,9 +85,16 @@ def finalize_output(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def _check_model_accepts(model: nn.Module, example: torch.Tensor, output_kind: str = "logits") -> torch.Tensor:
-    """The model's output on ``example``: one N x classes tensor, or for ``output_kind="features"`` one tensor of
-    N x D features or N x C x H x W feature maps (a dense backbone)."""
+def _check_model_accepts(model: nn.Module, example: torch.Tensor, output_kind: str = "logits",
+                         output_key: str | None = None, stages: Stages | None = None
+                         ) -> tuple[nn.Module, torch.Tensor]:
+    """The model to compress and its output on ``example``: one N x classes tensor, or for
+    ``output_kind="features"`` one tensor of N x D features or N x C x H x W feature maps (a dense backbone).
+
+    A model returning a dict or a tuple is made to return the entry ``output_key`` names (the only tensor
+    entry when there is one and no key is given), without the layers that feed only the other entries
+    (``output_select``).
+    """
     try:
         with torch.no_grad():
             output = model(example)
@@ -96,15 +103,23 @@ def _check_model_accepts(model: nn.Module, example: torch.Tensor, output_kind: s
             f"the model rejects input of shape {tuple(example.shape[1:])} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160]}); pass the right --input-shape CxHxW"
         ) from exc
+    key = output_select.choose_key(output, output_key)
+    if key is not None:
+        if output_key is None and stages is not None:
+            stages.note(f"the model returns {output_select.describe(output)}: compressing against {key!r}")
+        model, unused = output_select.select_output(model, key, example)
+        output = output[key]
+        if unused and stages is not None:
+            stages.note(f"{len(unused)} layer(s) feed only the other outputs and are left out ({unused[0]}, ...)")
     if output_kind == "features" and isinstance(output, torch.Tensor) and output.ndim >= 2:
-        return output
+        return model, output
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
+        hint = "" if output_kind == "features" else " with --model-output features"
         raise CompressorError(
-            "the model must return one N x classes tensor (classification), or features (N x D or N x C x H x W) "
-            "with --model-output features; "
-            f"it returned {type(output).__name__}{tuple(getattr(output, 'shape', ()))}"
+            "the model must return one N x classes tensor (classification), or features (N x D or N x C x H x W)"
+            f"{hint}; it returned {output_select.describe(output)}"
         )
-    return output
+    return model, output
 
 
 def _check_classes(data: ImageSet | None, outputs: int, option: str, stages: Stages) -> None:
@@ -235,7 +250,7 @@ def _run(config: CompressConfig, budget: budget_mod.Budget, stages: Stages, tmp:
     target = deploy.resolve_target(config.device, config.align)  # a mistyped --device fails before any reading
     model, calib, evaluation, input_shape = load_inputs(config, stages)
     example = calib.images[:1] if calib is not None else torch.randn(1, *input_shape)
-    output = _check_model_accepts(model, example, config.output_kind)
+    model, output = _check_model_accepts(model, example, config.output_kind, config.output_key, stages)
     synthesized = False
     if calib is None:
         # a feature output has no classes for the synthesis's class term to pull toward (0: none)

@@ -60,7 +60,8 @@ def _feature_fidelity(original, pruned, images, batch_size, device) -> dict[str,
     original.eval()
     pruned.eval()
     for x in batches(images, batch_size, device):
-        lo, lp = original(x).float().flatten(1), pruned(x).float().flatten(1)
+        lo, lp = original(x).double().flatten(1), pruned(x).double().flatten(1)  # float32 cosines of long
+        # outputs (a segmentation map) come out above 1
         cosine += float(F.cosine_similarity(lp, lo, dim=1, eps=1e-12).sum())
         error += float((lp - lo).pow(2).sum())
         energy += float(lo.pow(2).sum())
