@@ -84,10 +84,13 @@ def _describe_call(name: str, args: tuple, kwargs: dict) -> str:
 def _from_torchvision(name: str, args: tuple = (), kwargs: dict | None = None) -> nn.Module:
     import torchvision.models as tvm
 
-    available = tvm.list_models(module=tvm)
-    if name not in available:
-        raise CompressorError(f"unknown torchvision model {name!r}; choose one of torchvision.models.list_models()")
+    segmentation = tvm.list_models(module=tvm.segmentation)  # dict outputs: see --output-key
+    if name not in tvm.list_models(module=tvm) and name not in segmentation:
+        raise CompressorError(f"unknown torchvision model {name!r}; choose a classification or segmentation model "
+                              "of torchvision.models.list_models()")
     options = {"weights": None}
+    if name in segmentation:
+        options["weights_backbone"] = None  # nothing is downloaded: random weights unless --weights
     if name in ("googlenet", "inception_v3"):
         options.update(aux_logits=False, init_weights=True)
     options.update(kwargs or {})

@@ -153,3 +153,26 @@ def test_an_empty_key_is_a_usage_error(tmp_path):
 
     with pytest.raises(UsageError, match="--output-key is empty"):
         CompressConfig(model="m.pt", budget="50%flops", out=tmp_path / "out", output_key=" ")
+
+
+@pytest.mark.parametrize(("spec", "key", "dropped"), [
+    ("torchvision:lraspp_mobilenet_v3_large(num_classes=5)", None, False),
+    ("torchvision:deeplabv3_mobilenet_v3_large(num_classes=5, aux_loss=True)", "out", True),
+])
+def test_torchvision_segmentation_models_are_compressed_against_out(tmp_path, spec, key, dropped):
+    """torchvision's segmentation models return {"out": ...} (and "aux"): a run without data, one output."""
+    import onnxruntime as ort
+
+    out = tmp_path / "out"
+    args = [spec, "--budget", "50%flops", "--input-shape", "3x64x64", "--model-output", "features", "--out", out,
+            "--no-latency", *(["--output-key", key] if key else [])]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert ("compressing against 'out'" in result.output) == (key is None)
+    assert ("feed only the other outputs" in result.output) == dropped
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops"]["ratio"] <= 0.50 and report["export"]["onnx"]["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert len(session.get_outputs()) == 1
+    x = torch.randn(2, 3, 64, 64).numpy()
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (2, 5, 64, 64)
