@@ -40,10 +40,6 @@ def describe(output: object) -> str:
     return type(output).__name__
 
 
-def _entries(output: Mapping | tuple | list) -> list[tuple[object, object]]:
-    return list(output.items()) if isinstance(output, Mapping) else list(enumerate(output))
-
-
 def _resolve(output: Mapping | tuple | list, key: str) -> object:
     """The entry of ``output`` that ``key`` (a dict key, or a position of a tuple/list) names."""
     if isinstance(output, Mapping):
@@ -73,11 +69,12 @@ def choose_key(output: object, key: str | None) -> object | None:
     if key is not None:
         chosen = _resolve(output, key)
     else:
-        tensors = [k for k, v in _entries(output) if isinstance(v, torch.Tensor)]
+        entries = output.items() if isinstance(output, Mapping) else enumerate(output)
+        tensors = [k for k, v in entries if isinstance(v, torch.Tensor)]
         if len(tensors) != 1:
-            example = next(iter(output)) if isinstance(output, Mapping) and output else 0
-            raise CompressorError(f"the model returns several outputs ({describe(output)}); pass --output-key to say "
-                                  f"which one to compress against (e.g. --output-key {example})")
+            what = "several outputs" if tensors else "no tensor output"
+            raise CompressorError(f"the model returns {what} ({describe(output)}); pass --output-key to say which "
+                                  f"one to compress against (e.g. --output-key {tensors[0] if tensors else 0})")
         chosen = tensors[0]
     if not isinstance(output[chosen], torch.Tensor):
         raise CompressorError(f"the model's output {chosen!r} is a {describe(output[chosen])}, not a tensor; "
@@ -85,18 +82,20 @@ def choose_key(output: object, key: str | None) -> object | None:
     return chosen
 
 
-def select_output(model: nn.Module, key: object, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
+def select_output(model: nn.Module, key: object, example: torch.Tensor,
+                  expected: torch.Tensor | None = None) -> tuple[nn.Module, list[str]]:
     """``model`` made to return ``forward(...)[key]``, and the layers that then feed nothing it returns.
 
     Its class becomes a subclass of its own class that indexes ``forward``'s result (in place), so its
     modules, parameters and buffers keep their names. Where fx can trace it, the result is that trace
     without the computations the chosen output does not need (a ``GraphModule`` with the same layer
-    names); elsewhere those layers become :class:`UnusedLayer` (``drop_unused_layers``). Either way its
-    output on ``example`` is checked to be the selected entry.
+    names), kept only if its output on ``example`` is ``expected`` (the entry, computed when not given);
+    elsewhere those layers become :class:`UnusedLayer` (``drop_unused_layers``).
     """
     base = type(model)
-    with torch.no_grad():
-        expected = model(example)[key]
+    if expected is None:
+        with torch.no_grad():
+            expected = model(example)[key]
 
     @functools.wraps(base.forward)  # the same signature: torch.export maps dynamic shapes by it
     def forward(self, *args, **kwargs):

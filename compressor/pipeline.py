@@ -107,8 +107,8 @@ def _check_model_accepts(model: nn.Module, example: torch.Tensor, output_kind: s
     if key is not None:
         if output_key is None and stages is not None:
             stages.note(f"the model returns {output_select.describe(output)}: compressing against {key!r}")
-        model, unused = output_select.select_output(model, key, example)
         output = output[key]
+        model, unused = output_select.select_output(model, key, example, output)
         if unused and stages is not None:
             stages.note(f"{len(unused)} layer(s) feed only the other outputs and are left out ({unused[0]}, ...)")
     if output_kind == "features" and isinstance(output, torch.Tensor) and output.ndim >= 2:
